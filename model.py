@@ -1,0 +1,401 @@
+"""
+A Llama-style GPT whose FFN layers are either SwiGLU or STEM, in one file.
+
+    SwiGLU: y = W_down(silu(W_gate x) * (W_up x))
+    STEM:   y = W_down(silu(W_gate x) * U_l[token_id])      U_l: (vocab_size, ffn_hidden)
+
+STEM (Sadhukhan et al., "STEM: Scaling Transformers with Embedding Modules", arXiv 2601.10639)
+deletes the up-projection in chosen layers and looks up a per-layer table row by the position's
+input token id instead. The whole change is the `STEM` class below (next to `SwiGLU`) and the one
+line in `Block.__init__` that picks between them. Token-indexed per-layer tables were already used
+as "value embeddings" in modded-nanogpt (Keller Jordan et al., 2024).
+
+Read top to bottom: norm -> rotary -> attention -> FFNs -> block -> config -> GPT -> optimizers.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # computed in float32 whatever the autocast dtype, as Llama does
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight).type_as(x)
+
+
+def rotary_tables(head_dim, max_len, theta):
+    # RoPE (Su et al. 2021): rotate pairs of channels by a position-dependent angle
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)  # (hs/2,)
+    angles = torch.outer(torch.arange(max_len).float(), inv_freq)  # (T, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    # x: (B, nh, T, hs), cos/sin: (T, hs/2); rotate-half convention
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0, "n_embd must be divisible by n_head"
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, pos=0):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, nh, T, hs)
+        mask, causal = None, True
+        if cache is not None:
+            # KV cache for generation: write this chunk at [pos, pos+T), attend to [0, pos+T)
+            cache[0][:B, :, pos:pos + T] = k
+            cache[1][:B, :, pos:pos + T] = v
+            k, v = cache[0][:B, :, :pos + T], cache[1][:B, :, :pos + T]
+            if pos > 0:  # a chunk after the first: causal within the chunk, all of the past
+                causal = False
+                mask = torch.arange(pos + T, device=x.device)[None, :] <= (pos + torch.arange(T, device=x.device))[:, None]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+# -----------------------------------------------------------------------------
+# the two FFNs: same signature forward(x, ids, rows), one line in Block picks one
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
+        self.up = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
+        self.down = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x, ids, rows=None):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class STEM(nn.Module):
+    # the up-projection W_up x is replaced by a row of this layer's own table, chosen by token id
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
+        self.down = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=False)
+        self.table = nn.Parameter(torch.empty(cfg.vocab_size, cfg.ffn_hidden))  # U_l: (V, ffn)
+
+    def forward(self, x, ids, rows=None):
+        # ids: (B, T) token ids. rows: the same lookup done elsewhere (offload.py keeps the tables in
+        # host memory and hands the rows in), or an edited lookup; used raw: no norm, no scale
+        u = F.embedding(ids, self.table) if rows is None else rows  # (B, T, ffn)
+        return self.down(F.silu(self.gate(x)) * u.to(x.dtype))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, use_stem):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.ffn = STEM(cfg) if use_stem else SwiGLU(cfg)  # <- the STEM switch
+
+    def forward(self, x, cos, sin, ids, rows=None, cache=None, pos=0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, pos)
+        return x + self.ffn(self.ffn_norm(x), ids, rows)
+
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 4096  # overwritten from the data's meta.json by train.py
+    block_size: int = 128  # context length; also sizes the rotary tables and the KV cache
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    ffn_hidden: int = 512  # SwiGLU inner width, and the row width of every STEM table
+    ffn: str = "stem"  # "stem" or "swiglu" (then there are no STEM layers)
+    stem_layers: str = "all"  # "third" (1,4,7..), "half" (odd), "all" (all but 0: authors' default), or "1,4,7"
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False  # the paper unties input and output embeddings
+
+
+def parse_stem_layers(spec, n_layer, ffn="stem"):
+    """Which layer indices are STEM layers, as a sorted list. Raises ValueError on a bad spec."""
+    if ffn == "swiglu":
+        return []
+    if ffn != "stem":
+        raise ValueError(f"ffn={ffn!r} is not one of 'stem', 'swiglu'")
+    named = {"third": range(1, n_layer, 3), "half": range(1, n_layer, 2), "all": range(1, n_layer)}
+    if spec in named:
+        return list(named[spec])
+    try:
+        layers = sorted({int(s) for s in str(spec).split(",") if s.strip()})
+    except ValueError:
+        layers = None
+    if not layers or layers[0] < 0 or layers[-1] >= n_layer:
+        raise ValueError(f"stem_layers={spec!r} is invalid: use third, half, all, or a comma list of "
+                         f"layer indices in 0..{n_layer - 1} such as 1,3")
+    return layers
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.stem_layers = parse_stem_layers(cfg.stem_layers, cfg.n_layer, cfg.ffn)
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList([Block(cfg, i in self.stem_layers) for i in range(cfg.n_layer)])
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        cos, sin = rotary_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta)
+        self.register_buffer("cos", cos, persistent=False)  # not in the checkpoint: derived
+        self.register_buffer("sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        # as the authors' (Lingua) code: truncated normal, std d^-0.5 for input projections,
+        # ffn_hidden^-0.5 for the FFN down; STEM tables xavier normal over the whole (V, ffn)
+        # matrix, std sqrt(2 / (V + ffn)), much smaller than a unit-variance embedding. The small
+        # tables matter: with N(0, 1) rows the untied input embedding, not the table, ends up
+        # carrying a token's identity and editing by row swaps stops working (STEM_NOTES.md, s. 7).
+        d, h = self.cfg.n_embd, self.cfg.ffn_hidden
+        for name, p in self.named_parameters():
+            if name.endswith("table"):
+                nn.init.xavier_normal_(p)
+            elif p.dim() == 1:
+                nn.init.ones_(p)  # RMSNorm gains
+            else:
+                std = h ** -0.5 if name.endswith("down.weight") else d ** -0.5
+                nn.init.trunc_normal_(p, std=std, a=-3 * std, b=3 * std)
+
+    def stem_ffns(self):
+        return [self.blocks[i].ffn for i in self.stem_layers]
+
+    def forward(self, idx, targets=None, stem_ids=None, stem_rows=None, cache=None, pos=0):
+        # idx: (B, T) token ids. stem_ids: the ids the STEM tables are indexed with (default idx):
+        # knowledge editing keeps the text and changes only these. stem_rows: optional list, one
+        # (B, T, ffn_hidden) tensor per STEM layer, replacing the table lookups.
+        B, T = idx.shape
+        assert pos + T <= self.cfg.block_size, f"sequence length {pos + T} > block_size {self.cfg.block_size}"
+        ids = idx if stem_ids is None else stem_ids
+        cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
+        x = self.wte(idx)
+        rows = iter(stem_rows) if stem_rows is not None else None
+        for i, block in enumerate(self.blocks):
+            r = next(rows) if rows is not None and i in self.stem_layers else None
+            x = block(x, cos, sin, ids, r, None if cache is None else cache[i], pos)
+        x = self.norm(x)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None  # inference: only the last position
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    # ---- accounting -------------------------------------------------------------------------
+
+    def param_counts(self):
+        """Parameter breakdown; the first five entries sum exactly to the module's parameter count."""
+        c = dict(embedding=0, head=0, tables=0, matmul=0, norms=0)
+        for name, p in self.named_parameters():  # tied weights are listed once
+            if name == "wte.weight":
+                c["embedding"] += p.numel()
+            elif name == "lm_head.weight":
+                c["head"] += p.numel()
+            elif name.endswith("table"):
+                c["tables"] += p.numel()
+            elif p.dim() == 1:
+                c["norms"] += p.numel()
+            else:
+                c["matmul"] += p.numel()
+        c["total"] = sum(c.values())
+        # the paper's convention (s. 4): active per token = everything but the tables (one row
+        # per table is read per token, a lookup, not a matmul)
+        c["active"] = c["total"] - c["tables"]
+        return c
+
+    def flops_per_token(self, T=None):
+        """Forward FLOPs per token: 2 per matmul weight (the blocks and the output head) plus the
+        attention scores and weighted sum over a context of T (default block_size), counted over the
+        full T x T square as nanoGPT/PaLM do. Embeddings and STEM tables are lookups: 0 FLOPs.
+        Training costs three times this (forward + backward)."""
+        T = T or self.cfg.block_size
+        head = self.cfg.vocab_size * self.cfg.n_embd  # a tied head still does its matmul
+        return 2 * (self.param_counts()["matmul"] + head) + 4 * self.cfg.n_layer * T * self.cfg.n_embd
+
+    # ---- generation -------------------------------------------------------------------------
+
+    def new_cache(self, batch_size, device, dtype):
+        hs = self.cfg.n_embd // self.cfg.n_head
+        shape = (batch_size, self.cfg.n_head, self.cfg.block_size, hs)
+        return [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+                for _ in range(self.cfg.n_layer)]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stem_ids=None,
+                 stem_rows_fn=None, generator=None, prefill_chunk=None):
+        """Continue idx (B, T) by max_new_tokens. temperature=0 is greedy. stem_ids (B, T) overrides
+        the STEM lookup ids of the prompt; generated tokens use their own ids. stem_rows_fn(ids, pos)
+        -> list of rows replaces the lookups (offload.py, row-level edits). KV cache: the prompt is
+        run once, then one token per step; when the cache is full, the last block_size // 2
+        tokens are run again as a fresh prompt (rotary positions are relative, so this is exact
+        for what the model can see)."""
+        ids = idx if stem_ids is None else stem_ids
+        dtype = self.lm_head.weight.dtype
+        if torch.is_autocast_enabled(idx.device.type):
+            dtype = torch.get_autocast_dtype(idx.device.type)
+        cache = self.new_cache(idx.size(0), idx.device, dtype)
+        bs = self.cfg.block_size
+        if idx.size(1) > bs:
+            idx, ids = idx[:, -bs:], ids[:, -bs:]
+        out, chunk, chunk_ids, pos = idx, idx, ids, 0
+        for _ in range(max_new_tokens):
+            if pos + chunk.size(1) > bs:  # cache full: restart from the recent half window
+                keep = bs // 2
+                chunk, chunk_ids, pos = out[:, -keep:], torch.cat([ids, out[:, ids.size(1):]], 1)[:, -keep:], 0
+            step = prefill_chunk or chunk.size(1)
+            while True:  # the prompt in pieces of prefill_chunk (one piece by default), then one token
+                rows = stem_rows_fn(chunk_ids[:, :step], pos) if stem_rows_fn is not None else None
+                logits, _ = self(chunk[:, :step], stem_ids=chunk_ids[:, :step], stem_rows=rows, cache=cache, pos=pos)
+                if chunk.size(1) <= step:
+                    break
+                chunk, chunk_ids, pos = chunk[:, step:], chunk_ids[:, step:], pos + step
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            pos += chunk.size(1)
+            out = torch.cat([out, nxt], dim=1)
+            chunk = chunk_ids = nxt
+        return out
+
+
+# -----------------------------------------------------------------------------
+# optimizers: AdamW for the backbone, and a table AdamW that is dense (the paper) or lazy
+
+
+def adamw_rows_(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
+    """One AdamW step, in place, on matching (K, d) slices of parameter, gradient and moments.
+
+    The same arithmetic as torch.optim.AdamW (decoupled decay, bias correction by the global step
+    count). Written once: the table optimizer below calls it on all rows (dense) or on the rows
+    present in the batch (lazy), and offload.py calls it on rows gathered from host memory."""
+    p.mul_(1 - lr * weight_decay)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bias1, bias2 = 1 - beta1 ** step, 1 - beta2 ** step
+    denom = (v.sqrt() / math.sqrt(bias2)).add_(eps)
+    p.addcdiv_(m, denom, value=-lr / bias1)
+
+
+def clip_joint_norm_(blocks, grads, max_norm):
+    """Scale grads by min(1, max_norm / joint norm), as torch.nn.utils.clip_grad_norm_ does. The norm
+    is taken over `blocks`: contiguous (K, d) row blocks holding every nonzero gradient value. The
+    resident lazy path and offload.py hand in the same blocks, so they clip bit-identically."""
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b) for b in blocks]))
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef)
+    return total
+
+
+class TableAdamW(torch.optim.Optimizer):
+    """AdamW for STEM tables.
+
+    lazy=False ("dense", the paper's recipe): every row moves each step, as torch.optim.AdamW
+    would: momentum keeps pushing rows absent from the batch and weight decay shrinks them.
+    lazy=True ("lazy", row-sparse): only rows whose ids are in the batch change, weight decay
+    included; the moments of absent rows are untouched. This is a different optimizer, and the one
+    that makes host-memory offload cheap. step(present) takes the ids present in the batch."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, lazy=False):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lazy=lazy))
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm, present=None):
+        """Clip the table gradients by their own joint norm (the authors clip tables separately).
+        Lazy: the norm is taken over the present rows only (the others are zero)."""
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return torch.tensor(0.0)
+        blocks = grads
+        if self.param_groups[0]["lazy"]:
+            rows = torch.unique(present.to(grads[0].device))
+            blocks = [g[rows] for g in grads]
+        return clip_joint_norm_(blocks, grads, max_norm)
+
+    @torch.no_grad()
+    def step(self, present=None):
+        for group in self.param_groups:
+            lazy = group["lazy"]
+            if lazy and present is None:
+                raise ValueError("the lazy table optimizer needs step(present=ids in the batch)")
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros_like(p)
+                    st["exp_avg_sq"] = torch.zeros_like(p)
+                st["step"] += 1
+                args = (int(st["step"].item()), group["lr"], *group["betas"], group["eps"], group["weight_decay"])
+                if not lazy:
+                    adamw_rows_(p, p.grad, st["exp_avg"], st["exp_avg_sq"], *args)
+                    continue
+                rows = torch.unique(present.to(p.device))  # sorted unique ids
+                pr, m, v = p[rows], st["exp_avg"][rows], st["exp_avg_sq"][rows]  # gathered copies
+                adamw_rows_(pr, p.grad[rows], m, v, *args)
+                p.index_copy_(0, rows, pr)
+                st["exp_avg"].index_copy_(0, rows, m)
+                st["exp_avg_sq"].index_copy_(0, rows, v)
+
+
+def configure_optimizers(model, learning_rate, weight_decay, betas=(0.9, 0.95), table_optimizer="dense"):
+    """(backbone AdamW, table AdamW or None). Weight decay on matrices and embeddings, not on norm
+    gains (nanoGPT's convention). The tables sit in their own optimizer, as in the authors' code, so
+    their gradients can be clipped by their own norm."""
+    if table_optimizer not in ("dense", "lazy"):
+        raise ValueError(f"table_optimizer={table_optimizer!r} is not one of 'dense', 'lazy'")
+    tables = [f.table for f in model.stem_ffns()]
+    table_ids = {id(t) for t in tables}
+    rest = [p for p in model.parameters() if id(p) not in table_ids]
+    groups = [dict(params=[p for p in rest if p.dim() >= 2], weight_decay=weight_decay),
+              dict(params=[p for p in rest if p.dim() < 2], weight_decay=0.0)]
+    backbone = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=1e-8)
+    table_opt = None
+    if tables:
+        table_opt = TableAdamW(tables, lr=learning_rate, betas=betas, weight_decay=weight_decay,
+                               lazy=table_optimizer == "lazy")
+    return backbone, table_opt

@@ -1,0 +1,202 @@
+"""train.py and sample.py end to end on tiny configs: smoke runs, exact resume, DDP on gloo,
+recall metric, editing from the command line, and every bad input giving one clear line."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--ffn_hidden=64", "--block_size=32", "--batch_size=4",
+        "--eval_iters=2", "--log_interval=1", "--learning_rate=1e-2", "--warmup_iters=2"]
+
+
+def run(script, *args, ok=True):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    if ok:
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p
+
+
+def assert_user_error(p, *needles):
+    """One clear line on stderr, exit code 1, no traceback."""
+    assert p.returncode == 1, (p.stdout[-1000:], p.stderr[-2000:])
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    assert "Traceback" not in p.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def facts(tmp_path_factory):
+    import prepare_data
+    d = str(tmp_path_factory.mktemp("data") / "facts")
+    prepare_data.prepare(dataset="facts", out_dir=d, entities=12, progress=False)
+    return d
+
+
+@pytest.fixture(scope="module")
+def trained(facts, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("out"))
+    p = run("train.py", f"--data_dir={facts}", f"--out_dir={out}", "--max_iters=6", "--eval_interval=3", *TINY)
+    return out, p
+
+
+def test_train_smoke_writes_checkpoint_metrics_plot(trained, facts):
+    out, p = trained
+    assert "parameters: embedding" in p.stdout and "FLOPs per token" in p.stdout
+    assert "recall" in p.stdout and "step     6 | loss" in p.stdout and "tok/s" in p.stdout
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert set(ckpt) == {"model", "optimizer", "config", "iter", "best_val_loss", "rng"}
+    assert ckpt["iter"] == 6 and ckpt["config"]["model"]["ffn"] == "stem"
+    assert "blocks.1.ffn.table" in ckpt["model"] and not any(k.startswith("_orig_mod") for k in ckpt["model"])
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["iter"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r["iter"] for r in rows if r["kind"] == "eval"] == [0, 3, 6]
+    assert all(0 <= r["recall"] <= 1 for r in rows if r["kind"] == "eval")
+    assert os.path.getsize(os.path.join(out, "loss.png")) > 1000
+    assert not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
+
+
+def test_sample_smoke_and_edit(trained):
+    out, _ = trained
+    p = run("sample.py", f"--out_dir={out}", "--num_samples=2", "--max_new_tokens=8")
+    assert p.stdout.count("---") == 2
+    p = run("sample.py", f"--out_dir={out}", "--eval_facts")
+    assert "fact recall" in p.stdout
+    a, b = _two_names(out)
+    for align in ("left_pad", "copy", "average"):
+        p = run("sample.py", f"--out_dir={out}", f"--start=The capital of {a} is", "--greedy", "--num_samples=1",
+                "--max_new_tokens=3", "--edit", f"{a}={b}", f"--edit_align={align}")
+        assert "=== without edit ===" in p.stdout and f"=== with edit {a}={b} ===" in p.stdout
+
+
+def _two_names(out):
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    facts = json.load(open(os.path.join(ckpt["config"]["train"]["data_dir"], "facts.json")))
+    return facts["entities"][0]["name"], facts["entities"][1]["name"]
+
+
+def _train_inproc(*args):
+    import train
+    train.main(list(args))
+
+
+def _losses(out):
+    return [r["loss"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize("table_optimizer", ["dense", "lazy"])
+def test_resume_is_exact(facts, tmp_path, table_optimizer):
+    common = [f"--data_dir={facts}", "--eval_interval=3", "--lr_decay_iters=6", "--eval_facts=False",
+              f"--table_optimizer={table_optimizer}", *TINY]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _train_inproc(f"--out_dir={a}", "--max_iters=6", *common)
+    _train_inproc(f"--out_dir={b}", "--max_iters=4", *common)  # stops after 4 (checkpoint at 4)
+    _train_inproc(f"--out_dir={b}", "--max_iters=6", "--init_from=resume", *common)
+    assert _losses(a) == _losses(b) and len(_losses(a)) == 6
+    sa = torch.load(os.path.join(a, "ckpt.pt"), weights_only=True)
+    sb = torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+    ta, tb = sa["optimizer"]["tables"]["state"], sb["optimizer"]["tables"]["state"]
+    for i in ta:
+        assert torch.equal(ta[i]["exp_avg_sq"], tb[i]["exp_avg_sq"])
+
+
+def test_ddp_two_cpu_processes_gloo(facts, tmp_path):
+    out = str(tmp_path / "ddp")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, "train.py"), f"--data_dir={facts}", f"--out_dir={out}", "--max_iters=4",
+                        "--eval_interval=4", "--table_optimizer=lazy", "--device=cpu", *TINY],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "DDP over 2 processes" in p.stdout and "parameter checksums across ranks agree" in p.stdout
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["iter"] == 4
+
+
+# ---- bad inputs: one line, exit 1, nothing overwritten ------------------------------------------
+
+def test_bad_config_keys_and_values(facts):
+    assert_user_error(run("train.py", "--bogus=1", ok=False), "unknown config key 'bogus'", "valid keys:", "max_iters")
+    assert_user_error(run("train.py", "--max_iters=abc", ok=False), "--max_iters=abc is not a valid int")
+    assert_user_error(run("train.py", "--compile=maybe", ok=False), "not a valid bool")
+    assert_user_error(run("train.py", f"--data_dir={facts}", "--stem_layers=1,99", ok=False), "stem_layers='1,99' is invalid")
+    assert_user_error(run("train.py", f"--data_dir={facts}", "--table_optimizer=sgd", ok=False), "table_optimizer")
+    assert_user_error(run("sample.py", "--num_samples=two", ok=False), "not a valid int")
+
+
+def test_preset_file(tmp_path, facts):
+    import train
+    from model import GPTConfig
+    preset = tmp_path / "p.py"
+    preset.write_text("n_layer = 3\nlearning_rate = 1  # an int where a float is expected is fine\nlr_decay_iters = None\n")
+    tc, mc = train.TrainConfig(), GPTConfig()
+    keys = train.parse_config([str(preset), "--n_layer=5", "--lr_decay_iters=7"], mc, tc)
+    assert (mc.n_layer, tc.learning_rate, tc.lr_decay_iters) == (5, 1.0, 7) and keys == {"n_layer", "learning_rate", "lr_decay_iters"}
+    preset.write_text("import os\n")
+    assert_user_error(run("train.py", str(preset), ok=False), "only hold assignments")
+    preset.write_text("n_layer = 'four'\n")
+    assert_user_error(run("train.py", str(preset), ok=False), "n_layer = 'four' is not a int")
+
+
+def test_missing_data_and_short_data(tmp_path):
+    assert_user_error(run("train.py", f"--data_dir={tmp_path}/nope", ok=False), "no prepared data", "prepare_data.py")
+    import prepare_data
+    short = str(tmp_path / "short")
+    src = tmp_path / "s.txt"
+    src.write_text("hello world, a short text. " * 20)
+    prepare_data.prepare(dataset="text", input=str(src), out_dir=short, tokenizer="bpe:270", progress=False)
+    assert_user_error(run("train.py", f"--data_dir={short}", "--block_size=4096", ok=False),
+                      "tokens, not more than block_size", "lower --block_size")
+
+
+def test_bad_checkpoints(trained, tmp_path):
+    out, _ = trained
+    assert_user_error(run("sample.py", f"--out_dir={tmp_path}", ok=False), "no checkpoint at")
+    bad = tmp_path / "trunc"
+    bad.mkdir()
+    data = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    (bad / "ckpt.pt").write_bytes(data[: len(data) // 2])
+    assert_user_error(run("sample.py", f"--out_dir={bad}", ok=False), "unreadable")
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert_user_error(run("train.py", f"--data_dir={ckpt['config']['train']['data_dir']}", f"--out_dir={bad}",
+                          "--init_from=resume", ok=False), "unreadable")
+    assert (bad / "ckpt.pt").read_bytes() == data[: len(data) // 2]  # not overwritten
+    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    assert_user_error(run("train.py", f"--data_dir={ckpt['config']['train']['data_dir']}", f"--out_dir={out}",
+                          "--init_from=resume", "--ffn=swiglu", ok=False), "ffn='stem'", "asks for ffn='swiglu'")
+    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+
+
+def test_bad_sample_inputs(trained, facts, tmp_path):
+    out, _ = trained
+    a, b = _two_names(out)
+    assert_user_error(run("sample.py", f"--out_dir={out}", "--start=Hello there", "--edit", f"{a}={b}", ok=False),
+                      f"{a!r} does not occur in the prompt")
+    assert_user_error(run("sample.py", f"--out_dir={out}", f"--start={a}", "--edit", "nonsense", ok=False), "Source=Target")
+    assert_user_error(run("sample.py", f"--out_dir={out}", "--start=FILE:/no/such/file", ok=False), "no such file")
+    # a model trained on a small vocabulary, prompted through a larger tokenizer
+    import prepare_data
+    src = tmp_path / "t.txt"
+    src.write_text("the quick brown fox jumps over the lazy dog; " * 300)
+    small, large = str(tmp_path / "small"), str(tmp_path / "large")
+    prepare_data.prepare(dataset="text", input=str(src), out_dir=small, tokenizer="bpe:260", progress=False)
+    prepare_data.prepare(dataset="text", input=str(src), out_dir=large, tokenizer="bpe:400", progress=False)
+    sw = str(tmp_path / "sw")
+    run("train.py", f"--data_dir={small}", f"--out_dir={sw}", "--max_iters=1", "--eval_interval=1", "--ffn=swiglu", *TINY)
+    assert_user_error(run("sample.py", f"--out_dir={sw}", f"--data_dir={large}", "--start=the quick brown fox", ok=False),
+                      "outside the model's vocabulary")
+    assert_user_error(run("sample.py", f"--out_dir={sw}", "--start=the fox", "--edit", "fox=dog", ok=False),
+                      "needs STEM layers")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_cuda_asked_for_without_cuda(facts):
+    assert_user_error(run("train.py", f"--data_dir={facts}", "--device=cuda", ok=False),
+                      "CUDA is not available", "--device=cpu")
