@@ -388,7 +388,7 @@ def configure_optimizers(model, learning_rate, weight_decay, betas=(0.9, 0.95), 
     their gradients can be clipped by their own norm."""
     if table_optimizer not in ("dense", "lazy"):
         raise ValueError(f"table_optimizer={table_optimizer!r} is not one of 'dense', 'lazy'")
-    tables = [f.table for f in model.stem_ffns()]
+    tables = [f.table for f in model.stem_ffns() if f.table is not None]  # none when offloaded
     table_ids = {id(t) for t in tables}
     rest = [p for p in model.parameters() if id(p) not in table_ids]
     groups = [dict(params=[p for p in rest if p.dim() >= 2], weight_decay=weight_decay),

@@ -42,6 +42,9 @@ class SampleConfig:
     edit: list = field(default_factory=list)  # "Source=Target", repeatable
     edit_align: str = "left_pad"  # left_pad | copy | average, when Source and Target token counts differ
     eval_facts: bool = False  # print fact recall on the facts probes and exit
+    offload: bool = False  # STEM tables stay in host memory; rows are fetched per chunk / per token
+    offload_cache_rows: int = 4096  # GPU rows cache for decoding with --offload (LFU)
+    prefill_chunk: Optional[int] = None  # run the prompt in pieces of this many tokens (offload prefetches the next)
 
 
 def find_tokens(enc, ids, word):
@@ -106,7 +109,16 @@ def main(argv=None):
     device, dtype, ctx, note = resolve_device(sc.device, sc.dtype)
     ckpt_path = os.path.join(sc.out_dir, "ckpt.pt")
     ckpt = load_checkpoint(ckpt_path)
-    model = model_from_checkpoint(ckpt, ckpt_path).to(device).eval()
+    model = model_from_checkpoint(ckpt, ckpt_path).eval()  # on the CPU until the tables are placed
+    engine, rows_fn = None, None
+    if sc.offload:
+        import offload
+        try:
+            engine = offload.Offload(model, device, cache_rows=sc.offload_cache_rows)
+        except offload.OffloadError as e:
+            raise UserError(str(e)) from None
+        rows_fn = engine.stem_rows_fn
+    model.to(device)
     data_dir = sc.data_dir or ckpt["config"]["train"]["data_dir"]
     try:
         enc = prepare_data.load_tokenizer(data_dir)
@@ -120,9 +132,10 @@ def main(argv=None):
             raise UserError(f"{data_dir} is not a facts dataset (no facts.json): --eval_facts needs one")
         import json
         probes = json.load(open(facts_path))["probes"]
-        rec = fact_recall(model, enc, probes, device, ctx)
+        rec = fact_recall(model, enc, probes, device, ctx, stem_rows_fn=rows_fn)
         print(f"fact recall {rec['recall']:.3f} over {len(probes)} probes (" +
               ", ".join(f"{k} {v:.2f}" for k, v in rec.items() if k != "recall") + ")")
+        report_cache(engine)
         return
 
     start = sc.start
@@ -135,27 +148,40 @@ def main(argv=None):
     if max(ids) >= model.cfg.vocab_size:
         raise UserError(f"the prompt encodes to id {max(ids)}, outside the model's vocabulary of "
                         f"{model.cfg.vocab_size}: is --data_dir the data this model was trained on?")
+    if sc.edit and engine is not None and sc.edit_align == "average":
+        raise UserError("--edit_align=average writes rows and needs the tables on the device: drop --offload "
+                        "or use --edit_align=left_pad|copy")
     if sc.edit and not model.stem_layers:
         raise UserError(f"--edit needs STEM layers, and {ckpt_path} is a ffn={model.cfg.ffn} model without any")
     stem_ids, averaged = plan_edits(enc, ids, sc.edit, sc.edit_align, enc.eot_token)
 
     x = torch.tensor([ids] * sc.num_samples, device=device)
     temperature = 0.0 if sc.greedy else sc.temperature
-    runs = [("", None, None)]
+    runs = [("", x, rows_fn)]
     if sc.edit:
-        fn = averaged_rows_fn(model, averaged, len(ids)) if averaged else None
-        runs = [("without edit", None, None),
+        fn = averaged_rows_fn(model, averaged, len(ids)) if averaged else rows_fn
+        runs = [("without edit", x, rows_fn),
                 ("with edit " + ", ".join(sc.edit), torch.tensor([stem_ids] * sc.num_samples, device=device), fn)]
     for title, s_ids, fn in runs:
         if title:
             print(f"=== {title} ===")
+        if engine is not None and sc.prefill_chunk:
+            engine.prefetch_prompt(s_ids, sc.prefill_chunk)
         gen = torch.Generator(device=device).manual_seed(sc.seed)  # same draws with and without edit
         with ctx:
-            y = model.generate(x, sc.max_new_tokens, temperature=temperature, top_k=sc.top_k,
-                               stem_ids=s_ids, stem_rows_fn=fn, generator=gen)
+            y = model.generate(x, sc.max_new_tokens, temperature=temperature, top_k=sc.top_k, stem_ids=s_ids,
+                               stem_rows_fn=fn, generator=gen, prefill_chunk=sc.prefill_chunk)
         for row in y.tolist():
             print(enc.decode(row[len(ids):] if not start else row))
             print("---")
+    report_cache(engine)
+
+
+def report_cache(engine):
+    if engine is not None and engine.cache is not None:
+        c = engine.cache
+        if c.hits + c.misses:
+            print(f"offload row cache: {c.n} rows, hit rate {c.hit_rate():.3f} ({c.hits} hits, {c.misses} misses)")
 
 
 if __name__ == "__main__":

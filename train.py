@@ -49,6 +49,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda", "cuda:1"
     dtype: str = "auto"  # "auto" (bfloat16 autocast on CUDA, float32 on CPU), "float32", "bfloat16"
     compile: bool = True  # torch.compile on CUDA; always off on CPU (compile time outweighs the gain)
+    offload: bool = False  # STEM tables in host memory, rows prefetched each step (offload.py); lazy only
     seed: int = 1337
 
 
@@ -191,12 +192,17 @@ class Batches:
                                 f"lower --block_size or prepare more data")
         self.gen = torch.Generator().manual_seed(seed)
 
-    def get(self, split, gen=None):
+    def get(self, split, gen=None, to_device=True):
         # a fresh memmap per batch avoids the memory growth of a long-lived one (nanoGPT issue)
         data = np.memmap(self.paths[split], dtype=self.dtype, mode="r")
         ix = torch.randint(len(data) - self.block_size - 1, (self.batch_size,), generator=gen or self.gen)
         x = torch.stack([torch.from_numpy(data[i:i + self.block_size].astype(np.int64)) for i in ix.tolist()])
         y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + self.block_size].astype(np.int64)) for i in ix.tolist()])
+        if not to_device:
+            return x, y
+        return self.to_device(x, y)
+
+    def to_device(self, x, y):
         if self.device.startswith("cuda"):
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x, y
@@ -245,8 +251,9 @@ def check_same_architecture(saved, current, keys_set, path):
 
 
 @torch.no_grad()
-def evaluate(model, batches, eval_iters, ctx):
-    """Mean loss over the same eval_iters batches of each split every time (fixed generator)."""
+def evaluate(model, batches, eval_iters, ctx, rows_fn=None):
+    """Mean loss over the same eval_iters batches of each split every time (fixed generator).
+    rows_fn(x) supplies the STEM rows when the tables live elsewhere (offload)."""
     model.eval()
     out = {}
     for split in ("train", "val"):
@@ -255,7 +262,7 @@ def evaluate(model, batches, eval_iters, ctx):
         for _ in range(eval_iters):
             x, y = batches.get(split, gen)
             with ctx:
-                losses.append(model(x, y)[1].item())
+                losses.append(model(x, y, stem_rows=rows_fn(x) if rows_fn else None)[1].item())
         out[split] = sum(losses) / len(losses)
     model.train()
     return out
@@ -316,12 +323,12 @@ def get_lr(it, tc):
     return tc.min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (tc.learning_rate - tc.min_lr)
 
 
-def print_accounting(model):
-    c = model.param_counts()
+def print_accounting(model, counts=None, flops=None):
+    c = counts or model.param_counts()
     T = model.cfg.block_size
     print(f"STEM layers: {model.stem_layers or 'none'} of {model.cfg.n_layer}")
     print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in c.items()))
-    print(f"FLOPs per token (forward, context {T}): {model.flops_per_token():,} "
+    print(f"FLOPs per token (forward, context {T}): {flops or model.flops_per_token():,} "
           f"(matmul weights + attention; tables are lookups); training ~3x")
 
 
@@ -375,16 +382,38 @@ def train(tc, mc, keys_set):
             setattr(mc, k, v)
     batches = Batches(tc.data_dir, meta, mc.block_size, tc.batch_size, device, tc.seed + rank)
 
-    # ---- model and optimizers
+    # ---- model (built on the CPU), offload (takes the tables out before the move), optimizers
     model = model_from_checkpoint(ckpt, ckpt_path) if ckpt else GPT(mc)
+    accounting = (model.param_counts(), model.flops_per_token())
+    engine = None
+    if tc.offload:
+        if tc.table_optimizer != "lazy":
+            raise UserError("offload needs --table_optimizer=lazy: dense AdamW reads and writes every row of every "
+                            "table each step (~28 bytes per table value through host memory), the traffic offload "
+                            "exists to avoid; the lazy optimizer touches only the rows of the batch")
+        if ddp:
+            raise UserError("offload runs on one process: drop --offload or run without torchrun")
+        import offload
+        try:
+            engine = offload.Offload(model, device, train=True, weight_decay=tc.weight_decay)
+        except offload.OffloadError as e:
+            raise UserError(str(e)) from None
     model.to(device)
     backbone_opt, table_opt = configure_optimizers(model, tc.learning_rate, tc.weight_decay,
                                                    table_optimizer=tc.table_optimizer)
     iter_num, best_val = 0, float("inf")
     if ckpt:
         backbone_opt.load_state_dict(ckpt["optimizer"]["backbone"])
-        if table_opt is not None:
-            table_opt.load_state_dict(ckpt["optimizer"]["tables"])
+        if engine is not None:
+            try:
+                engine.load_optimizer_state_dict(ckpt["optimizer"]["tables"])
+            except ValueError as e:
+                raise UserError(str(e)) from None
+        elif table_opt is not None:
+            try:
+                table_opt.load_state_dict(ckpt["optimizer"]["tables"])
+            except ValueError as e:
+                raise UserError(f"{ckpt_path}: table optimizer state does not fit ({e})") from None
         iter_num, best_val = ckpt["iter"], ckpt["best_val_loss"]
         torch.set_rng_state(ckpt["rng"]["torch"])
         batches.gen.set_state(ckpt["rng"]["data"])
@@ -403,8 +432,10 @@ def train(tc, mc, keys_set):
 
     if master:
         print_config(mc, tc)
-        print(note + f"; {compile_note}" + (f"; DDP over {world} processes" if ddp else ""))
-        print_accounting(raw_model)
+        print(note + f"; {compile_note}" + (f"; DDP over {world} processes" if ddp else "") +
+              (f"; offload: {engine.n} tables ({engine.table.numel() * 4 / 2**20:.1f} MiB + moments) in "
+               f"{'pinned ' if engine.cuda else ''}host memory" if engine else ""))
+        print_accounting(raw_model, *accounting)
         print(f"data: {tc.data_dir} ({meta['dataset']}, vocab {meta['vocab_size']}, "
               f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens)")
     tokens_per_step = tc.batch_size * mc.block_size * tc.grad_accum * world
@@ -434,32 +465,43 @@ def train(tc, mc, keys_set):
 
     def evaluate_and_save():
         nonlocal best_val
-        losses = evaluate(raw_model, batches, tc.eval_iters, ctx)
+        if engine:
+            engine.sync()  # every queued table update has landed
+        losses = evaluate(raw_model, batches, tc.eval_iters, ctx, rows_fn=engine.lookup if engine else None)
         row = dict(kind="eval", iter=iter_num, tokens=iter_num * tokens_per_step,
                    train_loss=losses["train"], val_loss=losses["val"])
         msg = f"eval {iter_num:5d} | train {losses['train']:.4f} | val {losses['val']:.4f}"
         if probes:
-            rec = fact_recall(raw_model, enc, probes, device, ctx)
+            rec = fact_recall(raw_model, enc, probes, device, ctx, stem_rows_fn=engine.stem_rows_fn if engine else None)
             row.update(rec)
             msg += f" | recall {rec['recall']:.3f} (" + ", ".join(f"{k} {v:.2f}" for k, v in rec.items() if k != "recall") + ")"
         log(msg)
         write_metrics(row)
         best_val = min(best_val, losses["val"])
-        ckpt = {
-            "model": raw_model.state_dict(),
+        ckpt = {  # the same keys whether the tables were resident or offloaded
+            "model": engine.state_dict(raw_model) if engine else raw_model.state_dict(),
             "optimizer": {"backbone": backbone_opt.state_dict(),
-                          "tables": table_opt.state_dict() if table_opt else None},
+                          "tables": engine.optimizer_state_dict(get_lr(iter_num, tc)) if engine else
+                          table_opt.state_dict() if table_opt else None},
             "config": {"model": dataclasses.asdict(mc), "train": dataclasses.asdict(tc)},
             "iter": iter_num,
             "best_val_loss": best_val,
-            "rng": {"torch": torch.get_rng_state(), "data": batches.gen.get_state(),
+            "rng": {"torch": torch.get_rng_state(), "data": data_rng,
                     "cuda": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None},
         }
         save_checkpoint(ckpt_path, ckpt)
         plot_losses(metrics_path, os.path.join(tc.out_dir, "loss.png"))
 
+    data_rng = batches.gen.get_state()  # the data generator's state after the current step's draws
     if iter_num == 0 and master:
         evaluate_and_save()
+
+    def draw():  # one step's micro-batches, on the CPU, in the same order whatever the placement
+        return [batches.get("train", to_device=False) for _ in range(tc.grad_accum)]
+
+    if engine:  # offload: the next step's batches are drawn one step ahead and their rows prefetched
+        upcoming = draw()
+        engine.prefetch([x for x, _ in upcoming])
 
     # ---- the loop
     backbone_params = [p for g in backbone_opt.param_groups for p in g["params"]]
@@ -469,19 +511,30 @@ def train(tc, mc, keys_set):
         for opt in (backbone_opt, table_opt):
             for g in (opt.param_groups if opt else []):
                 g["lr"] = lr
+        if engine:
+            step_batches, step_rows = upcoming, engine.rows()
+            data_rng = batches.gen.get_state()
+            if iter_num + 1 < tc.max_iters:
+                upcoming = draw()
+                engine.prefetch([x for x, _ in upcoming])  # gathered and copied while this step computes
+        else:
+            step_batches, step_rows = draw(), [None] * tc.grad_accum
+            data_rng = batches.gen.get_state()
         present = []
-        for micro in range(tc.grad_accum):
-            x, y = batches.get("train")
+        for micro, ((x, y), rows) in enumerate(zip(step_batches, step_rows)):
+            x, y = batches.to_device(x, y)
             if ddp:  # all-reduce gradients on the last micro-batch only
                 model.require_backward_grad_sync = micro == tc.grad_accum - 1
             with ctx:
-                _, loss = model(x, y)
+                _, loss = model(x, y, stem_rows=rows)
             (loss / tc.grad_accum).backward()
             present.append(x.flatten())
         gnorm = torch.nn.utils.clip_grad_norm_(backbone_params, tc.grad_clip).item()
         backbone_opt.step()
         tnorm = 0.0
-        if table_opt:
+        if engine:
+            tnorm = engine.step(lr, tc.grad_clip).item()  # host update of this step's rows, queued
+        elif table_opt:
             ids = torch.cat(present)
             if ddp and table_opt.param_groups[0]["lazy"]:  # every rank updates the union of rows
                 mask = torch.zeros(mc.vocab_size, device=device)
@@ -513,6 +566,8 @@ def train(tc, mc, keys_set):
         torch.distributed.all_gather(all_s, s)
         log(f"DDP: parameter checksums across ranks {'agree' if all(torch.equal(a, s) for a in all_s) else 'DIFFER'}")
         torch.distributed.destroy_process_group()
+    if engine:
+        engine.sync()
     log(f"done: {iter_num} steps, best val loss {best_val:.4f}; checkpoint {ckpt_path}")
 
 
