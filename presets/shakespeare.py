@@ -1,0 +1,20 @@
+# Quality comparison on Tiny Shakespeare with GPT-2's BPE (vocab 50,257).
+# python prepare_data.py --dataset shakespeare --tokenizer gpt2 --out_dir data/shakespeare-gpt2
+#   (offline: --input ../shared/data/tinyshakespeare.txt --tokenizer ../shared/data/r50k_base.tiktoken)
+# python train.py presets/shakespeare.py --ffn=swiglu --seed=1 --out_dir=runs/shakespeare-swiglu-s1
+# The lazy table optimizer: dense AdamW would sweep every row of vocab x ffn_hidden tables each step
+# (50,257 rows, of which a step touches a few hundred), which costs more than the model on a CPU.
+data_dir = "data/shakespeare-gpt2"
+n_layer = 4
+n_head = 4
+n_embd = 128
+ffn_hidden = 512
+block_size = 128
+batch_size = 8
+max_iters = 300
+eval_interval = 100
+eval_iters = 10
+learning_rate = 1e-3
+min_lr = 1e-4
+warmup_iters = 30
+table_optimizer = "lazy"

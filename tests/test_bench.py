@@ -1,0 +1,75 @@
+"""bench.py: argument handling and the shape of its JSON line (timings are never asserted)."""
+import json
+import os
+
+from test_train import TINY, assert_user_error, facts, run  # noqa: F401
+
+SMALL = ["--device=cpu", "--burn_in=0", "--steps=1", "--n_layer=2", "--n_head=2", "--n_embd=32", "--ffn_hidden=64",
+         "--block_size=32", "--batch_size=4"]
+
+
+def last_json(p):
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_ffn_mode_json_shape():
+    p = run("bench.py", "--mode=ffn", "--device=cpu", "--shapes=16x32x64,32x64x32", "--burn_in=0", "--steps=1",
+            "--table_vocab=100")
+    assert p.stdout.startswith("# nanoSTEM bench --mode ffn")
+    res = last_json(p)
+    assert res["mode"] == "ffn" and len(res["ffn"]) == 2
+    r = res["ffn"][1]
+    assert (r["n_embd"], r["ffn_hidden"], r["tokens"]) == (32, 64, 32)
+    assert abs(r["time_ratio"] - r["stem_ms"] / r["swiglu_ms"]) < 1e-9 and r["flop_ratio"] == 2 / 3
+
+
+def test_train_mode_runs_every_variant(facts):
+    res = last_json(run("bench.py", "--mode=train", f"--data_dir={facts}", *SMALL))
+    names = [r["variant"] for r in res["train"]]
+    assert names == ["swiglu", "stem-dense", "stem-lazy", "stem-offload"]
+    for r in res["train"]:
+        assert r["tok_per_s"] > 0 and r["peak_mem_mib"] > 0 and r["mfu"] is None  # CPU: no known peak
+        assert abs(r["tok_per_s"] * r["step_ms"] / 1e3 - 4 * 32) < 1e-6
+    assert res["train"][0]["vs_swiglu"] == 1.0
+    res = last_json(run("bench.py", "--mode=train", f"--data_dir={facts}", "--peak_flops=1e12", *SMALL))
+    r = res["train"][1]
+    assert abs(r["mfu"] - r["train_flops_per_token"] * r["tok_per_s"] / 1e12) < 1e-12
+
+
+def test_offload_and_decode_modes_on_cpu(facts, tmp_path):
+    p = run("bench.py", "--mode=offload", f"--data_dir={facts}", *SMALL)
+    assert "CUDA only" in p.stdout
+    res = last_json(p)
+    assert res["unique"]["tokens_per_step"] == 4 * 32 and 0 < res["unique"]["unique_mean"] <= 128
+    assert res["n_stem"] == 1 and res["bytes_per_step"] == res["unique"]["unique_mean"] * 64 * 4
+    res = last_json(run("bench.py", "--mode=decode", f"--data_dir={facts}", "--cache_sizes=4,64", "--decode_tokens=5",
+                        f"--plot_dir={tmp_path}", *SMALL))
+    assert [r["variant"] for r in res["decode"]] == ["resident", "offload", "offload"]
+    assert [r["cache_rows"] for r in res["decode"]] == [0, 4, 64]
+    assert 0 <= res["decode"][1]["hit_rate"] <= res["decode"][2]["hit_rate"] <= 1
+    assert os.path.isfile(tmp_path / "decode_hit_rate.png")
+
+
+def test_quality_mode_summarises_runs(facts, tmp_path):
+    runs = tmp_path / "runs"
+    for name, a in (("facts-swiglu-s1", "--ffn=swiglu"), ("facts-swiglu-s2", "--ffn=swiglu"), ("facts-stem-all-s1", "--ffn=stem")):
+        seed = name[-1]
+        run("train.py", f"--data_dir={facts}", f"--out_dir={runs / name}", "--max_iters=2", "--eval_interval=1",
+            a, f"--seed={seed}", *TINY)
+    res = last_json(run("bench.py", "--mode=quality", f"--runs={runs}", f"--plot_dir={tmp_path}"))
+    q = {(r["dataset"], r["arch"]): r for r in res["quality"]}
+    assert set(q) == {("facts", "swiglu"), ("facts", "stem-all")}
+    assert q[("facts", "swiglu")]["seeds"] == 2 and q[("facts", "stem-all")]["seeds"] == 1
+    assert q[("facts", "stem-all")]["params_tables"] > 0 == q[("facts", "swiglu")]["params_tables"]
+    assert q[("facts", "swiglu")]["steps"] == 2 and 0 <= q[("facts", "swiglu")]["recall_mean"] <= 1
+    for x in ("tokens", "flops"):
+        assert os.path.isfile(tmp_path / f"quality_facts_val_vs_{x}.png")
+
+
+def test_bench_bad_arguments(tmp_path):
+    assert_user_error(run("bench.py", "--mode=fast", ok=False), "mode='fast' is not one of")
+    assert_user_error(run("bench.py", "--steps=many", ok=False), "--steps=many is not a valid int")
+    assert_user_error(run("bench.py", "--mode=quality", f"--runs={tmp_path}/none", ok=False), "quality.sh")
+    assert_user_error(run("bench.py", "--mode=train", "--device=cpu", f"--data_dir={tmp_path}/none", ok=False),
+                      "no prepared data")
+    assert_user_error(run("bench.py", "--mode=ffn", "--shapes=12x", ok=False), "shapes")
