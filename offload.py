@@ -8,8 +8,9 @@ How it works
 ------------
 What stays on the GPU: the whole backbone (attention, gate and down projections, embeddings, head)
 and its AdamW state. What stays in host memory: every STEM table, packed as one tensor
-[vocab_size, n_stem * ffn_hidden] (pinned when CUDA is present), and for training the lazy AdamW
-moments beside it in the same layout. The packing puts one token's rows for every STEM layer next to
+[vocab_size, n_stem * ffn_hidden], and for training the lazy AdamW moments beside it in the same
+layout. The copies to and from the GPU go through persistent pinned buffers (pinned once: pinning
+on the fly is slow); the table itself is ordinary memory, read only by the CPU. The packing puts one token's rows for every STEM layer next to
 each other, so fetching a token is one contiguous run of n_stem * ffn_hidden floats rather than
 n_stem scattered copies. The tables are never materialised on the GPU.
 
@@ -87,8 +88,10 @@ class Offload:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.names = [f"blocks.{i}.ffn.table" for i in model.stem_layers]
-        # allocated in host memory directly, pinned once (pinning on the fly is slow)
-        self.table = torch.empty(self.V, self.W, pin_memory=self.cuda)
+        # allocated in host memory directly. Not pinned: only the CPU reads it (copies to the GPU go
+        # through the pinned staging buffers), and the pinned allocator rounds sizes up to a power
+        # of two, which could lock up to twice the table in RAM.
+        self.table = torch.empty(self.V, self.W)
         for l, f in enumerate(ffns):
             self.table[:, l * self.h:(l + 1) * self.h] = f.table.detach()
             f.table = None  # the module no longer owns a table: .to(device) moves none, state_dict() lists none
@@ -99,7 +102,7 @@ class Offload:
         self.worker = ThreadPoolExecutor(max_workers=1)  # one thread: host tasks run in order
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.slots = [dict(), dict()]  # per slot: dev, staging, grad_host, free (event)
-        self.next_slot, self.queue, self.current = 0, collections.deque(), None
+        self.next_slot, self.queue, self.current, self._last_update = 0, collections.deque(), None, None
         self.cache = RowCache(self, cache_rows) if cache_rows else None
         self.prompt_jobs = {}
 
@@ -109,7 +112,7 @@ class Offload:
         s = self.slots[slot]
         if "dev" not in s or s["dev"].size(0) < K:  # grows to the largest step seen, then is reused
             if self.cuda:
-                torch.cuda.current_stream(self.device).synchronize()  # nothing may still use the old ones
+                torch.cuda.synchronize(self.device)  # no stream may still use the old ones
             s["dev"] = torch.empty(K, self.W, device=self.device)
             s["staging"] = torch.empty(K, self.W, pin_memory=True) if self.cuda else None
             s["grad_host"] = torch.empty(K, self.W, pin_memory=True) if self.cuda else None
@@ -134,7 +137,7 @@ class Offload:
                 s["dev"][:len(ids)].copy_(staging, non_blocking=True)
             else:
                 dst.copy_(staging, non_blocking=True)
-                s["dev"].index_copy_(0, positions.to(self.device), dst)
+                s["dev"].index_copy_(0, positions.pin_memory().to(self.device, non_blocking=True), dst)
             job.event = s["copied"] = torch.cuda.Event()
             job.event.record(self.stream)
 
@@ -168,15 +171,22 @@ class Offload:
         if self.cuda and job.event is not None:
             torch.cuda.current_stream(self.device).wait_event(job.event)
         job.leaf = self.slots[job.slot]["dev"][:len(job.uniq)].detach().requires_grad_(self.train)
-        out = []
-        for inv in job.inverses:
+        return [self._expand(inv, job.leaf) for inv in job.inverses]
+
+    def _expand(self, inv, rows):
+        """Per-layer (B, T, ffn_hidden) rows through the inverse index, made one layer at a time as
+        the forward pass asks for them (a generator), so that only the live layer's rows exist."""
+        if self.cuda:
+            inv = inv.pin_memory().to(self.device, non_blocking=True)  # pageable would sync the stream
+        else:
             inv = inv.to(self.device)
-            out.append([F.embedding(inv, job.leaf[:, l * self.h:(l + 1) * self.h]) for l in range(self.n)])
-        return out
+        return (F.embedding(inv, rows[:, l * self.h:(l + 1) * self.h]) for l in range(self.n))
 
     def step(self, lr, max_norm):
         """After backward: clip the compact gradient, send it to the host, and queue the lazy AdamW
         update of exactly these rows. Returns the gradient norm (as the resident path computes it)."""
+        if self._last_update is not None:
+            self._last_update.result()  # re-raises a failed host update here rather than never
         job, s = self.current, self.slots[self.current.slot]
         g = job.leaf.grad  # (K, n_stem * ffn_hidden)
         blocks = [g[:, l * self.h:(l + 1) * self.h].contiguous() for l in range(self.n)]
@@ -198,7 +208,7 @@ class Offload:
         nxt = self.queue[0] if self.queue else None
         if nxt is not None:
             nxt.done = Future()  # set by the update once nxt's stale rows have landed
-        self.worker.submit(self._update, job, nxt, g_host, ev, self.steps, lr)
+        self._last_update = self.worker.submit(self._update, job, nxt, g_host, ev, self.steps, lr)
         self.current = None
         return norm
 
@@ -209,7 +219,8 @@ class Offload:
             first = torch.isin(job.uniq, nxt.uniq) if nxt is not None else torch.zeros(len(job.uniq), dtype=torch.bool)
             self._adamw(job.uniq, first, g, step, lr)  # the rows the next step needs, first
             if nxt is not None:
-                self._gather_copy(nxt, nxt.stale.nonzero().flatten())  # now they are current: land them
+                if nxt.stale.any():
+                    self._gather_copy(nxt, nxt.stale.nonzero().flatten())  # now current: land them
                 nxt.done.set_result(True)
             self._adamw(job.uniq, ~first, g, step, lr)  # the rest overlaps the next step's compute
         except BaseException as e:  # never leave the main thread waiting on a dead worker
@@ -228,6 +239,8 @@ class Offload:
     def sync(self):
         """Wait for every queued host task (before evaluating, saving or reading the tables)."""
         self.worker.submit(lambda: None).result()
+        if self._last_update is not None:
+            self._last_update.result()
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
@@ -255,7 +268,7 @@ class Offload:
         self._buffers(job.slot, len(uniq))
         job.stale = torch.zeros(len(uniq), dtype=torch.bool)
         job.fresh = self.worker.submit(self._gather_copy, job, torch.arange(len(uniq)))
-        self.prompt_jobs[pos] = (ids, job)
+        self.prompt_jobs[pos] = (ids.cpu(), job)
 
     def stem_rows_fn(self, ids, pos):
         """For GPT.generate(stem_rows_fn=...): prefill chunks from prefetched buffers (or a plain
@@ -265,14 +278,14 @@ class Offload:
         queued = self.prompt_jobs.pop(pos, None)
         if queued is None or not torch.equal(queued[0], ids.cpu()):
             return self.lookup(ids)
-        later = [c for c in self._chunks if c[0] > pos and c[0] not in self.prompt_jobs]
-        if later:
-            self._queue_chunk(*later[0])  # into the other buffer while this chunk computes
         job = queued[1]
-        rows = self._collect(job)[0]
+        rows = list(self._collect(job)[0])
         if self.cuda:  # this buffer may be refilled once the chunk's computation is queued
             self.slots[job.slot]["free"] = torch.cuda.Event()
             self.slots[job.slot]["free"].record(torch.cuda.current_stream(self.device))
+        later = [c for c in self._chunks if c[0] > pos and c[0] not in self.prompt_jobs]
+        if later:  # into this chunk's buffer, now that its reads are queued
+            self._queue_chunk(*later[0])
         return rows
 
     # ---- checkpoints: the same keys as a resident model ---------------------------------------
@@ -302,6 +315,8 @@ class Offload:
         if not sd["param_groups"][0].get("lazy", False):
             raise OffloadError("this checkpoint's tables were trained with the dense optimizer; "
                                "offload continues only lazy runs: resume with --table_optimizer=dense without --offload")
+        g = sd["param_groups"][0]  # as torch's load_state_dict: the saved hyperparameters win
+        self.hyper = (g["betas"][0], g["betas"][1], g["eps"], g["weight_decay"])
         for l, st in sd["state"].items():
             sl = slice(int(l) * self.h, (int(l) + 1) * self.h)
             self.exp_avg[:, sl] = st["exp_avg"]

@@ -13,6 +13,7 @@ end-of-text row), copy (Target's tokens stretched over Source's positions) or av
 Source position gets the mean of Target's rows).
 """
 
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import prepare_data
-from train import (UserError, die, fact_recall, load_checkpoint, model_from_checkpoint, parse_config,
+from train import (UserError, die, edit_probes, fact_recall, load_checkpoint, model_from_checkpoint, parse_config,
                    resolve_device)
 
 
@@ -130,11 +131,15 @@ def main(argv=None):
         facts_path = os.path.join(data_dir, "facts.json")
         if not os.path.isfile(facts_path):
             raise UserError(f"{data_dir} is not a facts dataset (no facts.json): --eval_facts needs one")
-        import json
-        probes = json.load(open(facts_path))["probes"]
-        rec = fact_recall(model, enc, probes, device, ctx, stem_rows_fn=rows_fn)
-        print(f"fact recall {rec['recall']:.3f} over {len(probes)} probes (" +
+        facts = json.load(open(facts_path))
+        rec = fact_recall(model, enc, facts["probes"], device, ctx, stem_rows_fn=rows_fn)
+        print(f"fact recall {rec['recall']:.3f} over {len(facts['probes'])} probes (" +
               ", ".join(f"{k} {v:.2f}" for k, v in rec.items() if k != "recall") + ")")
+        if model.stem_layers:  # swap A's rows for B's: how often does the answer become B's?
+            probes = edit_probes(facts, enc)
+            rec = fact_recall(model, enc, probes, device, ctx, stem_rows_fn=rows_fn)
+            print(f"edit success {rec['recall']:.3f} over {len(probes)} edited probes (100 random entity pairs; " +
+                  ", ".join(f"{k} {v:.2f}" for k, v in rec.items() if k != "recall") + ")")
         report_cache(engine)
         return
 

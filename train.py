@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import sys
 import time
 import typing
@@ -271,7 +272,8 @@ def evaluate(model, batches, eval_iters, ctx, rows_fn=None):
 @torch.no_grad()
 def fact_recall(model, enc, probes, device, ctx=nullcontext(), batch=256, stem_rows_fn=None):
     """Fraction of probes ("The capital of Velmora is" -> " Drasil") whose greedy continuation
-    starts with the answer, overall and per attribute. Probes of equal token length run as a batch."""
+    starts with the answer, overall and per attribute. Probes of equal token length run as a batch.
+    A probe with a "stem_prompt" looks its STEM rows up by that text's ids (an edit)."""
     model.eval()
     groups = {}
     for p in probes:
@@ -281,15 +283,36 @@ def fact_recall(model, enc, probes, device, ctx=nullcontext(), batch=256, stem_r
         for i in range(0, len(group), batch):
             chunk = group[i:i + batch]
             idx = torch.tensor([enc.encode(p["prompt"]) for p in chunk], device=device)
+            stem_ids = torch.tensor([enc.encode(p.get("stem_prompt", p["prompt"])) for p in chunk], device=device)
             steps = max(len(enc.encode(p["answer"])) for p in chunk)
             with ctx:
-                out = model.generate(idx, steps, temperature=0, stem_rows_fn=stem_rows_fn)
+                out = model.generate(idx, steps, temperature=0, stem_ids=stem_ids, stem_rows_fn=stem_rows_fn)
             for p, row in zip(chunk, out[:, n:].tolist()):
                 hits.setdefault(p["attribute"], []).append(enc.decode(row).startswith(p["answer"]))
     model.train()
     res = {a: sum(h) / len(h) for a, h in hits.items()}
     res["recall"] = sum(sum(h) for h in hits.values()) / sum(len(h) for h in hits.values())
     return res
+
+
+def edit_probes(facts, enc, n_pairs=100, seed=0):
+    """Probes that measure knowledge editing: entity A's prompt, with A's token looked up through
+    B's rows; the expected answer is B's. Attributes where A and B agree are left out (no signal),
+    and so are prompts where the swap changes the token count."""
+    rng = random.Random(seed)
+    by = {}
+    for p in facts["probes"]:
+        by.setdefault(p["entity"], {})[p["attribute"]] = p
+    names = sorted(by)
+    out = []
+    for _ in range(n_pairs):
+        a, b = rng.sample(names, 2)
+        for attr, p in by[a].items():
+            stem_prompt = p["prompt"].replace(a, b)
+            if by[b][attr]["answer"] == p["answer"] or len(enc.encode(stem_prompt)) != len(enc.encode(p["prompt"])):
+                continue
+            out.append(dict(p, answer=by[b][attr]["answer"], stem_prompt=stem_prompt))
+    return out
 
 
 def plot_losses(metrics_path, png_path):

@@ -1,8 +1,11 @@
 import os
 import sys
 
-import pytest
-import torch
+# CUDA tests that ask for deterministic algorithms need this before cuBLAS starts
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
