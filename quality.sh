@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The quality sequence: SwiGLU and STEM (third, half, all) at equal steps and tokens, three seeds,
 # on the facts world and on Tiny Shakespeare; then one results table and two plots.
-#   bash quality.sh                      # everything (about 45 minutes on a 2-core CPU)
+#   bash quality.sh                      # everything (about an hour on a 2-core CPU)
 #   SEEDS="1" DATASETS="facts400" bash quality.sh
 # Offline, point SHAKESPEARE and TOKENIZER at local files (defaults: download / tiktoken's gpt2).
 set -euo pipefail
