@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, GPTConfig, STEM, SwiGLU, configure_optimizers
-from train import Batches, UserError, die, load_meta, parse_config, resolve_device
+from train import Batches, UserError, die, edit_probes, fact_recall, load_meta, parse_config, resolve_device
 
 # dense bf16 peak of known GPUs (FLOP/s), for MFU; others: pass --peak_flops
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
@@ -344,14 +344,24 @@ def bench_quality(bc):
         if not os.path.isfile(path) or "-s" not in name:
             continue
         ckpt = torch.load(os.path.join(bc.runs, name, "ckpt.pt"), map_location="cpu", weights_only=True)
+        if ckpt["iter"] != ckpt["config"]["train"]["max_iters"]:
+            print(f"# skipping {name}: unfinished ({ckpt['iter']} of {ckpt['config']['train']['max_iters']} steps)")
+            continue
         mc = GPTConfig(**ckpt["config"]["model"])
         m = GPT(mc)
+        m.load_state_dict(ckpt["model"])
+        edit = None
+        facts_path = os.path.join(ckpt["config"]["train"]["data_dir"], "facts.json")
+        if m.stem_layers and os.path.isfile(facts_path):  # knowledge editing by row swaps, 100 entity pairs
+            import prepare_data
+            enc = prepare_data.load_tokenizer(ckpt["config"]["train"]["data_dir"])
+            edit = fact_recall(m, enc, edit_probes(json.load(open(facts_path)), enc), "cpu")["recall"]
         rows = [json.loads(line) for line in open(path)]
         ev = [r for r in rows if r["kind"] == "eval"]
         tr = [r["tok_per_s"] for r in rows if r["kind"] == "train"]
         dataset, arch = name.rsplit("-s", 1)[0].split("-", 1)
         groups.setdefault((dataset, arch), []).append(dict(
-            ev=ev, counts=m.param_counts(), flops=3 * m.flops_per_token(), tok_s=statistics.median(tr)))
+            ev=ev, counts=m.param_counts(), flops=3 * m.flops_per_token(), tok_s=statistics.median(tr), edit=edit))
     if not groups:
         raise UserError(f"no finished runs in {bc.runs}: run `bash quality.sh` first")
     out, rows = [], []
@@ -362,20 +372,23 @@ def bench_quality(bc):
         c = runs[0]["counts"]
         sd = statistics.stdev(vl) if len(vl) > 1 else 0.0
         rsd = statistics.stdev(rec) if len(rec) > 1 else 0.0
+        edits = [r["edit"] for r in runs if r["edit"] is not None]
         res = dict(dataset=dataset, arch=arch, seeds=len(runs), steps=final[0]["iter"], tokens=final[0]["tokens"],
                    val_loss_mean=statistics.mean(vl), val_loss_std=sd,
                    best_val_loss_mean=statistics.mean(min(e["val_loss"] for e in r["ev"]) for r in runs),
                    recall_mean=statistics.mean(rec) if rec else None, recall_std=rsd if rec else None,
+                   edit_success_mean=statistics.mean(edits) if edits else None,
                    params_total=c["total"], params_tables=c["tables"], params_active=c["active"],
                    train_flops_per_token=runs[0]["flops"], tok_per_s=statistics.median(r["tok_s"] for r in runs))
         out.append(res)
         rows.append(dict(data=dataset, arch=arch, seeds=str(len(runs)), val=f"{res['val_loss_mean']:.3f} ± {sd:.3f}",
                          best_val=f"{res['best_val_loss_mean']:.3f}",
                          recall=f"{res['recall_mean']:.3f} ± {rsd:.3f}" if rec else "-",
+                         edit=f"{res['edit_success_mean']:.3f}" if edits else "-",
                          total=f"{c['total'] / 1e6:.2f}M", tables=f"{c['tables'] / 1e6:.2f}M",
                          active=f"{c['active'] / 1e6:.2f}M", flops=f"{runs[0]['flops'] / 1e6:.1f}M",
                          tok_s=f"{res['tok_per_s']:,.0f}"))
-    table(rows, ["data", "arch", "seeds", "val", "best_val", "recall", "total", "tables", "active", "flops", "tok_s"])
+    table(rows, ["data", "arch", "seeds", "val", "best_val", "recall", "edit", "total", "tables", "active", "flops", "tok_s"])
     for dataset in sorted({d for d, _ in groups}):
         for xname, xkey in (("tokens", "tokens"), ("training FLOPs", "flops")):
             series, bands = {}, {}

@@ -18,7 +18,10 @@ for ds in $DATASETS; do
   for seed in $SEEDS; do
     for arch in swiglu stem-third stem-half stem-all; do
       out=runs/$ds-$arch-s$seed
-      [ -f "$out/ckpt.pt" ] && continue  # finished runs are kept: the sequence can be resumed
+      if [ -f "$out/ckpt.pt" ] && python -c "import sys, torch; c = torch.load('$out/ckpt.pt', weights_only=True); \
+          sys.exit(c['iter'] != c['config']['train']['max_iters'])"; then
+        continue  # finished runs are kept: the sequence can be resumed
+      fi
       if [ "$arch" = swiglu ]; then a="--ffn=swiglu"; else a="--ffn=stem --stem_layers=${arch#stem-}"; fi
       echo "== $out"
       python train.py presets/$ds.py $a --seed=$seed --out_dir=$out --compile=False > /dev/null

@@ -61,6 +61,7 @@ def test_quality_mode_summarises_runs(facts, tmp_path):
     assert q[("facts", "swiglu")]["seeds"] == 2 and q[("facts", "stem-all")]["seeds"] == 1
     assert q[("facts", "stem-all")]["params_tables"] > 0 == q[("facts", "swiglu")]["params_tables"]
     assert q[("facts", "swiglu")]["steps"] == 2 and 0 <= q[("facts", "swiglu")]["recall_mean"] <= 1
+    assert q[("facts", "swiglu")]["edit_success_mean"] is None and 0 <= q[("facts", "stem-all")]["edit_success_mean"] <= 1
     for x in ("tokens", "flops"):
         assert os.path.isfile(tmp_path / f"quality_facts_val_vs_{x}.png")
 
