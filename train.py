@@ -444,9 +444,11 @@ def train(tc, mc, keys_set):
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
         ckpt = None  # free memory
     raw_model = model
-    if tc.compile and device.startswith("cuda"):
+    if tc.compile and device.startswith("cuda") and not engine:
         model = torch.compile(model)
         compile_note = "compile: on"
+    elif tc.compile and engine:
+        compile_note = "compile: off (offload hands rows in from outside the graph)"
     else:
         compile_note = "compile: off" + (" (CPU: compile time outweighs the gain at these sizes)" if tc.compile else "")
     if ddp:
