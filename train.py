@@ -50,7 +50,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda", "cuda:1"
     dtype: str = "auto"  # "auto" (bfloat16 autocast on CUDA, float32 on CPU), "float32", "bfloat16"
     compile: bool = True  # torch.compile on CUDA; always off on CPU (compile time outweighs the gain)
-    offload: bool = False  # STEM tables in host memory, rows prefetched each step (offload.py); lazy only
+    offload: bool = False  # STEM tables in host memory, rows prefetched each step (offload.py); implies lazy
     seed: int = 1337
 
 
@@ -410,6 +410,8 @@ def train(tc, mc, keys_set):
     accounting = (model.param_counts(), model.flops_per_token())
     engine = None
     if tc.offload:
+        if "table_optimizer" not in keys_set:
+            tc.table_optimizer = "lazy"  # the only one offload runs (below); said in the printed config
         if tc.table_optimizer != "lazy":
             raise UserError("offload needs --table_optimizer=lazy: dense AdamW reads and writes every row of every "
                             "table each step (~28 bytes per table value through host memory), the traffic offload "

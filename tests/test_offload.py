@@ -188,7 +188,8 @@ def test_sample_offload_equals_resident(trained):
 
 
 def test_offload_bad_inputs(facts, trained, tmp_path):
-    assert_user_error(run("train.py", f"--data_dir={facts}", "--offload=True", ok=False), "--table_optimizer=lazy")
+    assert_user_error(run("train.py", f"--data_dir={facts}", "--offload=True", "--table_optimizer=dense", ok=False),
+                      "--table_optimizer=lazy")
     assert_user_error(run("train.py", f"--data_dir={facts}", "--offload=True", "--table_optimizer=lazy",
                           "--ffn=swiglu", ok=False), "offload needs STEM layers")
     out, _ = trained  # trained with the dense optimizer
