@@ -312,7 +312,7 @@ def bench_decode(bc, mc, device, ctx):
 # quality: summarise the runs of quality.sh
 
 
-def plot(path, xlabel, ylabel, series, logx=False, bands=None):
+def plot(path, xlabel, ylabel, series, logx=False, bands=None, title=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -326,6 +326,8 @@ def plot(path, xlabel, ylabel, series, logx=False, bands=None):
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
     if logx:
         ax.set_xscale("log")
+    if title:
+        ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -390,19 +392,25 @@ def bench_quality(bc):
                          tok_s=f"{res['tok_per_s']:,.0f}"))
     table(rows, ["data", "arch", "seeds", "val", "best_val", "recall", "edit", "total", "tables", "active", "flops", "tok_s"])
     for dataset in sorted({d for d, _ in groups}):
-        for xname, xkey in (("tokens", "tokens"), ("training FLOPs", "flops")):
+        has_recall = all("recall" in r["ev"][-1] for (d, _), runs in groups.items() if d == dataset for r in runs)
+        views = [("tokens", "tokens", "val_loss"), ("training FLOPs", "flops", "val_loss")]
+        views += [("tokens", "tokens", "recall")] if has_recall else []
+        for xname, xkey, ykey in views:
             series, bands = {}, {}
             for (d, arch), runs in sorted(groups.items()):
                 if d != dataset:
                     continue
                 n = min(len(r["ev"]) for r in runs)
                 xs = [runs[0]["ev"][i]["tokens"] * (runs[0]["flops"] if xkey == "flops" else 1) for i in range(n)]
-                per = [[r["ev"][i]["val_loss"] for r in runs] for i in range(n)]
+                per = [[r["ev"][i][ykey] for r in runs] for i in range(n)]
                 series[arch] = list(zip(xs, [statistics.mean(p) for p in per]))
                 bands[arch] = ([min(p) for p in per], [max(p) for p in per])
-            plot(os.path.join(bc.plot_dir, f"quality_{dataset}_val_vs_{xkey}.png"), xname, "validation loss",
-                 series, bands=bands)
-    print(f"# plots: {bc.plot_dir}/quality_<dataset>_val_vs_tokens.png and _val_vs_flops.png (band: min..max over seeds)")
+            plot(os.path.join(bc.plot_dir, f"quality_{dataset}_{ykey.replace('_loss', '')}_vs_{xkey}.png"), xname,
+                 "validation loss" if ykey == "val_loss" else "fact recall", series, bands=bands,
+                 title=f"{dataset}: mean of {len(groups[(dataset, 'swiglu')]) if (dataset, 'swiglu') in groups else ''} "
+                       f"seeds, band min..max")
+    print(f"# plots: {bc.plot_dir}/quality_<dataset>_val_vs_tokens.png, _val_vs_flops.png, _recall_vs_tokens.png "
+          f"(facts; band: min..max over seeds)")
     return {"quality": out}
 
 

@@ -62,8 +62,8 @@ def test_quality_mode_summarises_runs(facts, tmp_path):
     assert q[("facts", "stem-all")]["params_tables"] > 0 == q[("facts", "swiglu")]["params_tables"]
     assert q[("facts", "swiglu")]["steps"] == 2 and 0 <= q[("facts", "swiglu")]["recall_mean"] <= 1
     assert q[("facts", "swiglu")]["edit_success_mean"] is None and 0 <= q[("facts", "stem-all")]["edit_success_mean"] <= 1
-    for x in ("tokens", "flops"):
-        assert os.path.isfile(tmp_path / f"quality_facts_val_vs_{x}.png")
+    for name in ("val_vs_tokens", "val_vs_flops", "recall_vs_tokens"):
+        assert os.path.isfile(tmp_path / f"quality_facts_{name}.png")
 
 
 def test_bench_bad_arguments(tmp_path):
