@@ -47,6 +47,7 @@ class BenchConfig:
     peak_flops: Optional[float] = None  # for MFU; None = a known GPU's bf16 peak, or none on CPU
     cache_sizes: str = "16,64,256,1024"  # decode mode
     decode_tokens: int = 64  # decode mode: new tokens per sample
+    ckpt: str = ""  # decode mode: a trained checkpoint (real token statistics; its data); "" = random init
     runs: str = "runs"  # quality mode: folders written by quality.sh
     plot_dir: str = "assets"  # where PNGs go
     variant: str = ""  # internal: train mode runs each variant in a child process
@@ -277,13 +278,20 @@ def bench_offload(bc, mc, device):
 
 def bench_decode(bc, mc, device, ctx):
     import offload
-    meta = load_meta(bc.data_dir)
-    mc.vocab_size = meta["vocab_size"]
-    batches = Batches(bc.data_dir, meta, mc.block_size // 2, bc.batch_size, "cpu", seed=0)
-    prompt, _ = batches.get("val", to_device=False)
-    prompt = prompt.to(device)
+    from train import load_checkpoint, model_from_checkpoint
     torch.manual_seed(0)
-    model = GPT(mc).to(device).eval()
+    if bc.ckpt:
+        ckpt = load_checkpoint(bc.ckpt)
+        model, bc.data_dir = model_from_checkpoint(ckpt, bc.ckpt), ckpt["config"]["train"]["data_dir"]
+        mc = model.cfg
+        print("# decode model: " + bc.ckpt + " (" + ", ".join(f"{k}={v}" for k, v in asdict(mc).items()) + ")")
+    else:
+        model = GPT(mc)
+    model = model.to(device).eval()
+    meta = load_meta(bc.data_dir)
+    batches = Batches(bc.data_dir, meta, mc.block_size // 2, bc.batch_size, "cpu", seed=0)
+    prompt, _ = batches.get("val", to_device=False)  # half a context of real text, then decode
+    prompt = prompt.to(device)
 
     def gen(m, fn=None):
         with ctx:
@@ -429,12 +437,14 @@ def main(argv):
                 raise UserError(f"variant={bc.variant!r} is not one of {', '.join(VARIANTS)}")
             print(json.dumps(train_variant(bc, mc, device, ctx)))
             return
+        if bc.mode in ("train", "offload", "decode"):
+            if not os.path.isfile(os.path.join(bc.data_dir, "meta.json")):
+                if bc.data_dir != BenchConfig.data_dir:
+                    load_meta(bc.data_dir)  # raises the usual hint
+                import prepare_data
+                prepare_data.prepare(dataset="facts", out_dir=bc.data_dir, progress=False)
+            mc.vocab_size = load_meta(bc.data_dir)["vocab_size"]
         header(bc, mc if bc.mode != "ffn" else None, device, dtype, note)
-        if bc.mode in ("train", "offload", "decode") and not os.path.isfile(os.path.join(bc.data_dir, "meta.json")):
-            if bc.data_dir != BenchConfig.data_dir:
-                load_meta(bc.data_dir)  # raises the usual hint
-            import prepare_data
-            prepare_data.prepare(dataset="facts", out_dir=bc.data_dir, progress=False)
         if bc.mode == "ffn":
             res = bench_ffn(bc, device, ctx)
         elif bc.mode == "train":

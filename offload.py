@@ -331,42 +331,39 @@ class RowCache:
         self.off, self.n = off, n
         self.buf = torch.empty(n, off.W, device=off.device)
         self.slot_of = {}  # token id -> slot
-        self.id_of = [-1] * n
-        self.freq = [0] * n
-        self.last = [0] * n
+        self.id_of = torch.full((n,), -1, dtype=torch.long)  # slot -> token id (-1: empty)
+        self.freq = torch.zeros(n, dtype=torch.long)  # uses since the row came in
+        self.last = torch.zeros(n, dtype=torch.long)  # step of the last use
         self.clock = self.hits = self.misses = 0
 
     def rows(self, ids):
         """Per-layer (B, 1, ffn_hidden) rows for one decode step's ids (B, 1)."""
         flat = ids.reshape(-1).tolist()
-        if len(set(flat)) > self.n:
-            raise OffloadError(f"offload_cache_rows={self.n} is smaller than the {len(set(flat))} distinct ids "
+        needed = set(flat)
+        if len(needed) > self.n:
+            raise OffloadError(f"offload_cache_rows={self.n} is smaller than the {len(needed)} distinct ids "
                                f"of one decode step: raise --offload_cache_rows")
         self.clock += 1
-        needed, missing = set(flat), []
-        for t in flat:
-            if t in self.slot_of:
-                self.hits += 1
-            else:
-                self.misses += 1
-                if t not in missing:
-                    missing.append(t)
+        missing = [t for t in dict.fromkeys(flat) if t not in self.slot_of]
+        self.misses += sum(t not in self.slot_of for t in flat)
+        self.hits += len(flat) - sum(t not in self.slot_of for t in flat)
         if missing:
-            slots = []
-            for t in missing:  # evict the least frequently used slot not needed by this step
-                s = min((s for s in range(self.n) if self.id_of[s] not in needed or self.id_of[s] == -1),
-                        key=lambda s: (self.id_of[s] != -1, self.freq[s], self.last[s]))
-                if self.id_of[s] != -1:
-                    del self.slot_of[self.id_of[s]]
+            # victims: empty slots first, then least frequently used, then least recently used;
+            # never a slot this step reads
+            key = torch.where(self.id_of < 0, -1, self.freq * (self.clock + 1) + self.last)
+            for t in needed & self.slot_of.keys():
+                key[self.slot_of[t]] = torch.iinfo(torch.long).max
+            slots = torch.topk(key, len(missing), largest=False).indices
+            for s, t in zip(slots.tolist(), missing):
+                if self.id_of[s] >= 0:
+                    del self.slot_of[int(self.id_of[s])]
                 self.id_of[s], self.freq[s], self.slot_of[t] = t, 0, s
-                slots.append(s)
             rows = self.off.table[torch.tensor(missing)]
-            self.buf[torch.tensor(slots, device=self.off.device)] = rows.to(self.off.device, non_blocking=False)
-        for t in flat:
-            s = self.slot_of[t]
-            self.freq[s] += 1
-            self.last[s] = self.clock
-        idx = torch.tensor([self.slot_of[t] for t in flat], device=self.off.device).view(ids.shape)
+            self.buf[slots.to(self.off.device)] = rows.to(self.off.device)
+        idx = torch.tensor([self.slot_of[t] for t in flat])
+        self.freq.index_add_(0, idx, torch.ones_like(idx))
+        self.last[idx] = self.clock
+        idx = idx.to(self.off.device).view(ids.shape)
         h = self.off.h
         return [F.embedding(idx, self.buf[:, l * h:(l + 1) * h]) for l in range(self.off.n)]
 

@@ -136,7 +136,23 @@ def test_inference_logits_and_greedy_generation_identical_with_evicting_cache():
     c = eng.cache
     assert len(set(ga[:, 11:].flatten().tolist())) > c.n  # more ids than slots: eviction happened
     assert c.misses > c.n and c.hits > 0
-    for s, t in enumerate(c.id_of):  # every slot holds the row of the id it claims
+    for s, t in enumerate(c.id_of.tolist()):  # every slot holds the row of the id it claims
+        assert torch.equal(c.buf[s], eng.table[t])
+
+
+def test_cache_evicts_least_frequently_used_then_least_recent():
+    m = GPT(tiny_config())
+    eng = Offload(m, "cpu", cache_rows=3)
+    c = eng.cache
+    for t in (1, 1, 1, 2, 2, 3):  # freq: 1 -> 3, 2 -> 2, 3 -> 1
+        c.rows(torch.tensor([[t]]))
+    c.rows(torch.tensor([[4]]))  # evicts 3 (least frequent)
+    assert set(c.slot_of) == {1, 2, 4}
+    c.rows(torch.tensor([[2]]))  # 2 -> 3 uses; 4 has 1
+    c.rows(torch.tensor([[5], [4]]))  # 4 is needed this step: 5 evicts the LFU among the others (2 or 1: both 3; 1 is older)
+    assert set(c.slot_of) == {2, 4, 5}
+    assert (c.hits, c.misses) == (5, 5)
+    for t, s in c.slot_of.items():
         assert torch.equal(c.buf[s], eng.table[t])
 
 
