@@ -437,7 +437,7 @@ def main(argv):
                 raise UserError(f"variant={bc.variant!r} is not one of {', '.join(VARIANTS)}")
             print(json.dumps(train_variant(bc, mc, device, ctx)))
             return
-        if bc.mode in ("train", "offload", "decode"):
+        if bc.mode in ("train", "offload") or (bc.mode == "decode" and not bc.ckpt):  # else: the checkpoint's data
             if not os.path.isfile(os.path.join(bc.data_dir, "meta.json")):
                 if bc.data_dir != BenchConfig.data_dir:
                     load_meta(bc.data_dir)  # raises the usual hint

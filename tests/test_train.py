@@ -129,6 +129,17 @@ def test_bad_config_keys_and_values(facts):
     assert_user_error(run("train.py", f"--data_dir={facts}", "--stem_layers=1,99", ok=False), "stem_layers='1,99' is invalid")
     assert_user_error(run("train.py", f"--data_dir={facts}", "--table_optimizer=sgd", ok=False), "table_optimizer")
     assert_user_error(run("sample.py", "--num_samples=two", ok=False), "not a valid int")
+    assert_user_error(run("train.py", f"--data_dir={facts}", "--init_from=pretrained", ok=False), "init_from")
+    assert_user_error(run("train.py", f"--data_dir={facts}", "--dtype=float16", ok=False), "dtype='float16'")
+    assert_user_error(run("train.py", f"--data_dir={facts}", "--vocab_size=10", ok=False), "smaller than the data's")
+    assert_user_error(run("train.py", "no_such_preset.py", ok=False), "preset file no_such_preset.py not found")
+
+
+def test_bad_edit_align_and_bench_checkpoint(trained, tmp_path):
+    out, _ = trained
+    assert_user_error(run("sample.py", f"--out_dir={out}", "--edit_align=middle", ok=False), "edit_align='middle'")
+    assert_user_error(run("bench.py", "--mode=decode", "--device=cpu", f"--ckpt={tmp_path}/none.pt", ok=False),
+                      "no checkpoint at")
 
 
 def test_preset_file(tmp_path, facts):
