@@ -444,7 +444,7 @@ def main(argv):
                 import prepare_data
                 prepare_data.prepare(dataset="facts", out_dir=bc.data_dir, progress=False)
             mc.vocab_size = load_meta(bc.data_dir)["vocab_size"]
-        header(bc, mc if bc.mode != "ffn" else None, device, dtype, note)
+        header(bc, mc if bc.mode != "ffn" and not (bc.mode == "decode" and bc.ckpt) else None, device, dtype, note)
         if bc.mode == "ffn":
             res = bench_ffn(bc, device, ctx)
         elif bc.mode == "train":
