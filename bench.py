@@ -189,7 +189,7 @@ def train_variant(bc, mc, device, ctx):
     else:
         mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
     return dict(variant=bc.variant, step_ms=dt * 1e3, tok_per_s=tok / dt, peak_mem_mib=mem,
-                train_flops_per_token=flops, params=model.param_counts() if not engine else None)
+                train_flops_per_token=flops)
 
 
 def bench_train(bc, mc, device, argv):

@@ -143,20 +143,30 @@ class Offload:
 
     # ---- training: prefetch, rows, step -------------------------------------------------------
 
-    def prefetch(self, xs):
-        """Queue the rows for a step whose micro-batches are xs (list of (B, T) id tensors).
-        Rows the running step will update are left for that update to fill (stale)."""
+    def _new_job(self, xs, pending=None):
+        """Unique ids and inverse index of the id tensors xs, a buffer slot, and the early gather of
+        every row except those in `pending` (rows an earlier step is still to update: stale)."""
         ids = torch.cat([x.reshape(-1).cpu() for x in xs])
         uniq, inverse = torch.unique(ids, sorted=True, return_inverse=True)
         inverses = [inv.view(x.shape) for inv, x in zip(inverse.split([x.numel() for x in xs]), xs)]
         job = Job(uniq, inverses, self.next_slot)
         self.next_slot ^= 1
         self._buffers(job.slot, len(uniq))
-        pending = self.current.uniq if (self.current is not None and self.train) else None
         job.stale = torch.isin(uniq, pending) if pending is not None else torch.zeros(len(uniq), dtype=torch.bool)
-        fresh = (~job.stale).nonzero().flatten()
-        job.fresh = self.worker.submit(self._gather_copy, job, fresh)
-        self.queue.append(job)
+        job.fresh = self.worker.submit(self._gather_copy, job, (~job.stale).nonzero().flatten())
+        return job
+
+    def _mark_free(self, slot):
+        """Record, on the compute stream, the point after which the slot's buffer may be refilled."""
+        if self.cuda:
+            self.slots[slot]["free"] = torch.cuda.Event()
+            self.slots[slot]["free"].record(torch.cuda.current_stream(self.device))
+
+    def prefetch(self, xs):
+        """Queue the rows for a step whose micro-batches are xs (list of (B, T) id tensors).
+        Rows the running step will update are left for that update to fill (stale)."""
+        pending = self.current.uniq if (self.current is not None and self.train) else None
+        self.queue.append(self._new_job(xs, pending))
 
     def rows(self):
         """The next queued step's rows, one list of per-layer (B, T, ffn_hidden) tensors per
@@ -191,9 +201,8 @@ class Offload:
         g = job.leaf.grad  # (K, n_stem * ffn_hidden)
         blocks = [g[:, l * self.h:(l + 1) * self.h].contiguous() for l in range(self.n)]
         norm = clip_joint_norm_(blocks, [g], max_norm)
+        self._mark_free(job.slot)  # this buffer's readers (forward and backward) are queued
         if self.cuda:
-            s["free"] = torch.cuda.Event()
-            s["free"].record(torch.cuda.current_stream(self.device))  # this buffer's readers are queued
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
                 s["grad_host"][:len(job.uniq)].copy_(g, non_blocking=True)
@@ -262,13 +271,7 @@ class Offload:
             self._queue_chunk(pos, ids)
 
     def _queue_chunk(self, pos, ids):
-        uniq, inv = torch.unique(ids.cpu(), sorted=True, return_inverse=True)
-        job = Job(uniq, [inv], self.next_slot)
-        self.next_slot ^= 1
-        self._buffers(job.slot, len(uniq))
-        job.stale = torch.zeros(len(uniq), dtype=torch.bool)
-        job.fresh = self.worker.submit(self._gather_copy, job, torch.arange(len(uniq)))
-        self.prompt_jobs[pos] = (ids.cpu(), job)
+        self.prompt_jobs[pos] = (ids.cpu(), self._new_job([ids]))
 
     def stem_rows_fn(self, ids, pos):
         """For GPT.generate(stem_rows_fn=...): prefill chunks from prefetched buffers (or a plain
@@ -279,10 +282,8 @@ class Offload:
         if queued is None or not torch.equal(queued[0], ids.cpu()):
             return self.lookup(ids)
         job = queued[1]
-        rows = list(self._collect(job)[0])
-        if self.cuda:  # this buffer may be refilled once the chunk's computation is queued
-            self.slots[job.slot]["free"] = torch.cuda.Event()
-            self.slots[job.slot]["free"].record(torch.cuda.current_stream(self.device))
+        rows = list(self._collect(job)[0])  # expanded copies: the chunk no longer reads the buffer
+        self._mark_free(job.slot)
         later = [c for c in self._chunks if c[0] > pos and c[0] not in self.prompt_jobs]
         if later:  # into this chunk's buffer, now that its reads are queued
             self._queue_chunk(*later[0])
@@ -345,8 +346,9 @@ class RowCache:
                                f"of one decode step: raise --offload_cache_rows")
         self.clock += 1
         missing = [t for t in dict.fromkeys(flat) if t not in self.slot_of]
-        self.misses += sum(t not in self.slot_of for t in flat)
-        self.hits += len(flat) - sum(t not in self.slot_of for t in flat)
+        n_miss = sum(t not in self.slot_of for t in flat)
+        self.misses += n_miss
+        self.hits += len(flat) - n_miss
         if missing:
             # victims: empty slots first, then least frequently used, then least recently used;
             # never a slot this step reads
