@@ -26,7 +26,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, STEM, SwiGLU, configure_optimizers
+from model import GPT, GPTConfig, STEM, SwiGLU, configure_optimizer
+from tables import ResidentTables
 from train import Batches, UserError, die, edit_probes, fact_recall, load_meta, parse_config, resolve_device
 
 # dense bf16 peak of known GPUs (FLOP/s), for MFU; others: pass --peak_flops
@@ -58,10 +59,22 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, burn_in, steps):
-    """Median seconds per call of fn after burn_in untimed calls."""
+def timed(fn, device, burn_in, steps, pipelined=None):
+    """Median seconds per call of fn after burn_in untimed calls. For a pipeline whose calls overlap
+    (training steps: the GPU runs ahead, offload's host thread runs behind), pass pipelined = the
+    function that drains it: then the calls run back to back and the mean over all of them, drain
+    included, is returned."""
     for _ in range(burn_in):
         fn()
+    if pipelined:
+        pipelined()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        pipelined()
+        sync(device)
+        return (time.perf_counter() - t0) / steps
     times = []
     for _ in range(steps):
         sync(device)
@@ -144,45 +157,33 @@ def train_variant(bc, mc, device, ctx):
     batches = Batches(bc.data_dir, meta, mc.block_size, bc.batch_size, device, seed=0)
     model = GPT(mc)
     flops = 3 * model.flops_per_token()
-    engine = None
     if offloaded:
         import offload
-        engine = offload.Offload(model, device, train=True)
-    model.to(device)
-    backbone, tables = configure_optimizers(model, 1e-3, 0.1, table_optimizer=table_optimizer)
-    upcoming = [batches.get("train", to_device=False)]
-    if engine:
-        engine.prefetch([upcoming[0][0]])
+        tables = offload.OffloadedTables(model, device)
+    else:
+        tables = ResidentTables(model, device, table_optimizer)
+    optimizer = configure_optimizer(model, 1e-3, 0.1)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    upcoming = batches.get("train", to_device=False)
+    tables.prefetch([upcoming[0]])
 
-    def step():
+    def step():  # train.py's loop, one micro-batch a step
         nonlocal upcoming
-        x, y = upcoming[0]
-        rows = None
-        upcoming = [batches.get("train", to_device=False)]
-        if engine:
-            rows = engine.rows()[0]
-            engine.prefetch([upcoming[0][0]])
+        (x, y), ((stem_ids, stem_tables),) = upcoming, tables.rows()
+        upcoming = batches.get("train", to_device=False)
+        tables.prefetch([upcoming[0]])
         x, y = batches.to_device(x, y)
         with ctx:
-            _, loss = model(x, y, stem_rows=rows)
+            _, loss = model(x, y, stem_ids=stem_ids, stem_tables=stem_tables)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in backbone.param_groups for p in g["params"]], 1.0)
-        backbone.step()
-        if engine:
-            engine.step(1e-3, 1.0)
-        elif tables:
-            tables.clip_grad_norm_(1.0, x.flatten())
-            tables.step(present=x.flatten())
-        backbone.zero_grad(set_to_none=True)
-        if tables:
-            tables.zero_grad(set_to_none=True)
-        loss.item()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        tables.step(1e-3, 1.0)
+        optimizer.zero_grad(set_to_none=True)
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    dt = timed(step, device, bc.burn_in, bc.steps)
-    if engine:
-        engine.sync()
+    dt = timed(step, device, bc.burn_in, bc.steps, tables.sync)
     tok = bc.batch_size * mc.block_size
     if device.startswith("cuda"):
         mem = torch.cuda.max_memory_allocated() / 2**20
@@ -295,7 +296,7 @@ def bench_decode(bc, mc, device, ctx):
 
     def gen(m, fn=None):
         with ctx:
-            return m.generate(prompt, bc.decode_tokens, temperature=1.0, top_k=50, stem_rows_fn=fn,
+            return m.generate(prompt, bc.decode_tokens, temperature=1.0, top_k=50, stem_fn=fn,
                               generator=torch.Generator(device=device).manual_seed(0))
     tok = bc.batch_size * bc.decode_tokens
     t_res = timed(lambda: gen(model), device, 1, max(1, bc.steps // 3))
@@ -303,9 +304,8 @@ def bench_decode(bc, mc, device, ctx):
     for n in [int(s) for s in bc.cache_sizes.split(",")]:
         m = GPT(mc).eval()
         m.load_state_dict(model.state_dict())
-        eng = offload.Offload(m, device, cache_rows=max(n, bc.batch_size))
-        m.to(device)
-        t = timed(lambda: gen(m, eng.stem_rows_fn), device, 1, max(1, bc.steps // 3))
+        eng = offload.OffloadedTables(m, device, train=False, cache_rows=max(n, bc.batch_size))  # places m
+        t = timed(lambda: gen(m, eng.stem_fn), device, 1, max(1, bc.steps // 3))
         results.append(dict(variant="offload", cache_rows=eng.cache.n, tok_per_s=tok / t, hit_rate=eng.cache.hit_rate()))
     rows = [dict(variant=r["variant"], cache=str(r["cache_rows"]), tok_s=f"{r['tok_per_s']:,.0f}",
                  vs_resident=f"{r['tok_per_s'] / results[0]['tok_per_s']:.3f}",

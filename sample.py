@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 import prepare_data
 from train import (UserError, die, edit_probes, fact_recall, load_checkpoint, model_from_checkpoint, parse_config,
@@ -86,19 +85,21 @@ def plan_edits(enc, ids, edits, align, eot_id):
     return stem_ids, averaged
 
 
-def averaged_rows_fn(model, averaged, prompt_len):
-    """stem_rows_fn for generate(): the prompt's rows with the averaged positions overwritten,
-    plain lookups for everything after."""
+def averaged_stem_fn(model, averaged, prompt_len):
+    """stem_fn for generate(): for the prompt, every table gets one extra row per averaged edit (the
+    mean of Target's rows) and the edited positions look it up; plain lookups for everything after."""
     done = [False]
 
     def fn(ids, pos):
-        rows = [F.embedding(ids, f.table) for f in model.stem_ffns()]
-        if not done[0] and pos == 0 and ids.size(1) == prompt_len:
-            done[0] = True
-            for r, f in zip(rows, model.stem_ffns()):
-                for positions, t_toks in averaged:
-                    r[:, positions] = f.table[t_toks].mean(0)
-        return rows
+        if done[0] or pos != 0 or ids.size(1) != prompt_len:
+            return ids, None
+        done[0] = True
+        ids, V = ids.clone(), model.cfg.vocab_size
+        for j, (positions, _) in enumerate(averaged):
+            ids[:, positions] = V + j  # the j-th extra row
+        tables = [torch.cat([f.table, torch.stack([f.table[t_toks].mean(0) for _, t_toks in averaged])])
+                  for f in model.stem_ffns()]
+        return ids, tables
     return fn
 
 
@@ -111,14 +112,14 @@ def main(argv=None):
     ckpt_path = os.path.join(sc.out_dir, "ckpt.pt")
     ckpt = load_checkpoint(ckpt_path)
     model = model_from_checkpoint(ckpt, ckpt_path).eval()  # on the CPU until the tables are placed
-    engine, rows_fn = None, None
+    engine, stem_fn = None, None
     if sc.offload:
         import offload
         try:
-            engine = offload.Offload(model, device, cache_rows=sc.offload_cache_rows)
+            engine = offload.OffloadedTables(model, device, train=False, cache_rows=sc.offload_cache_rows)
         except offload.OffloadError as e:
             raise UserError(str(e)) from None
-        rows_fn = engine.stem_rows_fn
+        stem_fn = engine.stem_fn
     model.to(device)
     data_dir = sc.data_dir or ckpt["config"]["train"]["data_dir"]
     try:
@@ -132,12 +133,12 @@ def main(argv=None):
         if not os.path.isfile(facts_path):
             raise UserError(f"{data_dir} is not a facts dataset (no facts.json): --eval_facts needs one")
         facts = json.load(open(facts_path))
-        rec = fact_recall(model, enc, facts["probes"], device, ctx, stem_rows_fn=rows_fn)
+        rec = fact_recall(model, enc, facts["probes"], device, ctx, stem_fn=stem_fn)
         print(f"fact recall {rec['recall']:.3f} over {len(facts['probes'])} probes (" +
               ", ".join(f"{k} {v:.2f}" for k, v in rec.items() if k != "recall") + ")")
         if model.stem_layers:  # swap A's rows for B's: how often does the answer become B's?
             probes = edit_probes(facts, enc)
-            rec = fact_recall(model, enc, probes, device, ctx, stem_rows_fn=rows_fn)
+            rec = fact_recall(model, enc, probes, device, ctx, stem_fn=stem_fn)
             print(f"edit success {rec['recall']:.3f} over {len(probes)} edited probes (100 random entity pairs; " +
                   ", ".join(f"{k} {v:.2f}" for k, v in rec.items() if k != "recall") + ")")
         report_cache(engine)
@@ -162,10 +163,10 @@ def main(argv=None):
 
     x = torch.tensor([ids] * sc.num_samples, device=device)
     temperature = 0.0 if sc.greedy else sc.temperature
-    runs = [("", x, rows_fn)]
+    runs = [("", x, stem_fn)]
     if sc.edit:
-        fn = averaged_rows_fn(model, averaged, len(ids)) if averaged else rows_fn
-        runs = [("without edit", x, rows_fn),
+        fn = averaged_stem_fn(model, averaged, len(ids)) if averaged else stem_fn
+        runs = [("without edit", x, stem_fn),
                 ("with edit " + ", ".join(sc.edit), torch.tensor([stem_ids] * sc.num_samples, device=device), fn)]
     for title, s_ids, fn in runs:
         if title:
@@ -175,7 +176,7 @@ def main(argv=None):
         gen = torch.Generator(device=device).manual_seed(sc.seed)  # same draws with and without edit
         with ctx:
             y = model.generate(x, sc.max_new_tokens, temperature=temperature, top_k=sc.top_k, stem_ids=s_ids,
-                               stem_rows_fn=fn, generator=gen, prefill_chunk=sc.prefill_chunk)
+                               stem_fn=fn, generator=gen, prefill_chunk=sc.prefill_chunk)
         for row in y.tolist():
             print(enc.decode(row[len(ids):] if not start else row))
             print("---")

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model import GPT, GPTConfig, configure_optimizers, parse_stem_layers
+from model import GPT, GPTConfig, configure_optimizer, parse_stem_layers
+from tables import ResidentTables
 
 
 @dataclass
@@ -252,9 +253,9 @@ def check_same_architecture(saved, current, keys_set, path):
 
 
 @torch.no_grad()
-def evaluate(model, batches, eval_iters, ctx, rows_fn=None):
+def evaluate(model, batches, eval_iters, ctx, lookup=None):
     """Mean loss over the same eval_iters batches of each split every time (fixed generator).
-    rows_fn(x) supplies the STEM rows when the tables live elsewhere (offload)."""
+    lookup(x) -> (stem_ids, stem_tables) supplies the STEM rows when the tables live elsewhere (offload)."""
     model.eval()
     out = {}
     for split in ("train", "val"):
@@ -263,14 +264,15 @@ def evaluate(model, batches, eval_iters, ctx, rows_fn=None):
         for _ in range(eval_iters):
             x, y = batches.get(split, gen)
             with ctx:
-                losses.append(model(x, y, stem_rows=rows_fn(x) if rows_fn else None)[1].item())
+                stem_ids, stem_tables = lookup(x) if lookup else (None, None)
+                losses.append(model(x, y, stem_ids=stem_ids, stem_tables=stem_tables)[1].item())
         out[split] = sum(losses) / len(losses)
     model.train()
     return out
 
 
 @torch.no_grad()
-def fact_recall(model, enc, probes, device, ctx=nullcontext(), batch=256, stem_rows_fn=None):
+def fact_recall(model, enc, probes, device, ctx=nullcontext(), batch=256, stem_fn=None):
     """Fraction of probes ("The capital of Velmora is" -> " Drasil") whose greedy continuation
     starts with the answer, overall and per attribute. Probes of equal token length run as a batch.
     A probe with a "stem_prompt" looks its STEM rows up by that text's ids (an edit)."""
@@ -286,7 +288,7 @@ def fact_recall(model, enc, probes, device, ctx=nullcontext(), batch=256, stem_r
             stem_ids = torch.tensor([enc.encode(p.get("stem_prompt", p["prompt"])) for p in chunk], device=device)
             steps = max(len(enc.encode(p["answer"])) for p in chunk)
             with ctx:
-                out = model.generate(idx, steps, temperature=0, stem_ids=stem_ids, stem_rows_fn=stem_rows_fn)
+                out = model.generate(idx, steps, temperature=0, stem_ids=stem_ids, stem_fn=stem_fn)
             for p, row in zip(chunk, out[:, n:].tolist()):
                 hits.setdefault(p["attribute"], []).append(enc.decode(row).startswith(p["answer"]))
     model.train()
@@ -405,10 +407,9 @@ def train(tc, mc, keys_set):
             setattr(mc, k, v)
     batches = Batches(tc.data_dir, meta, mc.block_size, tc.batch_size, device, tc.seed + rank)
 
-    # ---- model (built on the CPU), offload (takes the tables out before the move), optimizers
+    # ---- model (built on the CPU), its tables placed (offload takes them out before the move), optimizers
     model = model_from_checkpoint(ckpt, ckpt_path) if ckpt else GPT(mc)
     accounting = (model.param_counts(), model.flops_per_token())
-    engine = None
     if tc.offload:
         if "table_optimizer" not in keys_set:
             tc.table_optimizer = "lazy"  # the only one offload runs (below); said in the printed config
@@ -420,25 +421,19 @@ def train(tc, mc, keys_set):
             raise UserError("offload runs on one process: drop --offload or run without torchrun")
         import offload
         try:
-            engine = offload.Offload(model, device, train=True, weight_decay=tc.weight_decay)
+            tables = offload.OffloadedTables(model, device, weight_decay=tc.weight_decay)
         except offload.OffloadError as e:
             raise UserError(str(e)) from None
-    model.to(device)
-    backbone_opt, table_opt = configure_optimizers(model, tc.learning_rate, tc.weight_decay,
-                                                   table_optimizer=tc.table_optimizer)
+    else:
+        tables = ResidentTables(model, device, tc.table_optimizer, weight_decay=tc.weight_decay, ddp=ddp)
+    optimizer = configure_optimizer(model, tc.learning_rate, tc.weight_decay)  # the backbone
     iter_num, best_val = 0, float("inf")
     if ckpt:
-        backbone_opt.load_state_dict(ckpt["optimizer"]["backbone"])
-        if engine is not None:
-            try:
-                engine.load_optimizer_state_dict(ckpt["optimizer"]["tables"])
-            except ValueError as e:
-                raise UserError(str(e)) from None
-        elif table_opt is not None:
-            try:
-                table_opt.load_state_dict(ckpt["optimizer"]["tables"])
-            except ValueError as e:
-                raise UserError(f"{ckpt_path}: table optimizer state does not fit ({e})") from None
+        optimizer.load_state_dict(ckpt["optimizer"]["backbone"])
+        try:
+            tables.load_optimizer_state_dict(ckpt["optimizer"]["tables"])
+        except ValueError as e:
+            raise UserError(f"{ckpt_path}: {e}") from None
         iter_num, best_val = ckpt["iter"], ckpt["best_val_loss"]
         torch.set_rng_state(ckpt["rng"]["torch"])
         batches.gen.set_state(ckpt["rng"]["data"])
@@ -446,11 +441,9 @@ def train(tc, mc, keys_set):
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
         ckpt = None  # free memory
     raw_model = model
-    if tc.compile and device.startswith("cuda") and not engine:
+    if tc.compile and device.startswith("cuda"):
         model = torch.compile(model)
         compile_note = "compile: on"
-    elif tc.compile and engine:
-        compile_note = "compile: off (offload hands rows in from outside the graph)"
     else:
         compile_note = "compile: off" + (" (CPU: compile time outweighs the gain at these sizes)" if tc.compile else "")
     if ddp:
@@ -460,8 +453,9 @@ def train(tc, mc, keys_set):
     if master:
         print_config(mc, tc)
         print(note + f"; {compile_note}" + (f"; DDP over {world} processes" if ddp else "") +
-              (f"; offload: {engine.n} tables ({engine.table.numel() * 4 / 2**20:.1f} MiB + moments) in "
-               f"{'pinned ' if engine.cuda else ''}host memory" if engine else ""))
+              f"; tables: {tables.n} ({tc.table_optimizer} AdamW, " +
+              (f"{tables.table.numel() * 4 / 2**20:.1f} MiB + moments in host memory, offloaded)" if tc.offload
+               else "on the device)"))
         print_accounting(raw_model, *accounting)
         print(f"data: {tc.data_dir} ({meta['dataset']}, vocab {meta['vocab_size']}, "
               f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens)")
@@ -492,24 +486,22 @@ def train(tc, mc, keys_set):
 
     def evaluate_and_save():
         nonlocal best_val
-        if engine:
-            engine.sync()  # every queued table update has landed
-        losses = evaluate(raw_model, batches, tc.eval_iters, ctx, rows_fn=engine.lookup if engine else None)
+        tables.sync()  # every queued table update has landed
+        losses = evaluate(raw_model, batches, tc.eval_iters, ctx, tables.lookup)
         row = dict(kind="eval", iter=iter_num, tokens=iter_num * tokens_per_step,
                    train_loss=losses["train"], val_loss=losses["val"])
         msg = f"eval {iter_num:5d} | train {losses['train']:.4f} | val {losses['val']:.4f}"
         if probes:
-            rec = fact_recall(raw_model, enc, probes, device, ctx, stem_rows_fn=engine.stem_rows_fn if engine else None)
+            rec = fact_recall(raw_model, enc, probes, device, ctx, stem_fn=tables.stem_fn)
             row.update(rec)
             msg += f" | recall {rec['recall']:.3f} (" + ", ".join(f"{k} {v:.2f}" for k, v in rec.items() if k != "recall") + ")"
         log(msg)
         write_metrics(row)
         best_val = min(best_val, losses["val"])
         ckpt = {  # the same keys whether the tables were resident or offloaded
-            "model": engine.state_dict(raw_model) if engine else raw_model.state_dict(),
-            "optimizer": {"backbone": backbone_opt.state_dict(),
-                          "tables": engine.optimizer_state_dict(get_lr(iter_num, tc)) if engine else
-                          table_opt.state_dict() if table_opt else None},
+            "model": tables.state_dict(raw_model),
+            "optimizer": {"backbone": optimizer.state_dict(),
+                          "tables": tables.optimizer_state_dict(get_lr(iter_num, tc))},
             "config": {"model": dataclasses.asdict(mc), "train": dataclasses.asdict(tc)},
             "iter": iter_num,
             "best_val_loss": best_val,
@@ -526,66 +518,53 @@ def train(tc, mc, keys_set):
     def draw():  # one step's micro-batches, on the CPU, in the same order whatever the placement
         return [batches.get("train", to_device=False) for _ in range(tc.grad_accum)]
 
-    if engine:  # offload: the next step's batches are drawn one step ahead and their rows prefetched
-        upcoming = draw()
-        engine.prefetch([x for x, _ in upcoming])
+    # the batches are drawn one step ahead, so that the tables can fetch the next step's rows while
+    # this step computes (offload); a resident run just computes the next step's unique ids early
+    upcoming = draw()
+    tables.prefetch([x for x, _ in upcoming])
 
     # ---- the loop
-    backbone_params = [p for g in backbone_opt.param_groups for p in g["params"]]
-    t0 = time.time()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    logged = []  # (iter, loss, lr, grad norm, table grad norm) as tensors, read at log time: one sync per log line
+    t_log = time.time()
     while iter_num < tc.max_iters:
         lr = get_lr(iter_num, tc)
-        for opt in (backbone_opt, table_opt):
-            for g in (opt.param_groups if opt else []):
-                g["lr"] = lr
-        if engine:
-            step_batches, step_rows = upcoming, engine.rows()
-            data_rng = batches.gen.get_state()
-            if iter_num + 1 < tc.max_iters:
-                upcoming = draw()
-                engine.prefetch([x for x, _ in upcoming])  # gathered and copied while this step computes
-        else:
-            step_batches, step_rows = draw(), [None] * tc.grad_accum
-            data_rng = batches.gen.get_state()
-        present = []
-        for micro, ((x, y), rows) in enumerate(zip(step_batches, step_rows)):
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        step_batches, step_tables = upcoming, tables.rows()
+        data_rng = batches.gen.get_state()  # where a run resumed after this step draws from
+        if iter_num + 1 < tc.max_iters:
+            upcoming = draw()
+            tables.prefetch([x for x, _ in upcoming])  # offload: gathered and copied while this step computes
+        for micro, ((x, y), (stem_ids, stem_tables)) in enumerate(zip(step_batches, step_tables)):
             x, y = batches.to_device(x, y)
             if ddp:  # all-reduce gradients on the last micro-batch only
                 model.require_backward_grad_sync = micro == tc.grad_accum - 1
             with ctx:
-                _, loss = model(x, y, stem_rows=rows)
-            (loss / tc.grad_accum).backward()
-            present.append(x.flatten())
-        gnorm = torch.nn.utils.clip_grad_norm_(backbone_params, tc.grad_clip).item()
-        backbone_opt.step()
-        tnorm = 0.0
-        if engine:
-            tnorm = engine.step(lr, tc.grad_clip).item()  # host update of this step's rows, queued
-        elif table_opt:
-            ids = torch.cat(present)
-            if ddp and table_opt.param_groups[0]["lazy"]:  # every rank updates the union of rows
-                mask = torch.zeros(mc.vocab_size, device=device)
-                mask[ids] = 1
-                torch.distributed.all_reduce(mask)
-                ids = mask.nonzero().flatten()
-            tnorm = table_opt.clip_grad_norm_(tc.grad_clip, present=ids).item()
-            table_opt.step(present=ids)
-        backbone_opt.zero_grad(set_to_none=True)
-        if table_opt:
-            table_opt.zero_grad(set_to_none=True)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        dt, t0 = time.time() - t0, time.time()
+                _, loss = model(x, y, stem_ids=stem_ids, stem_tables=stem_tables)
+            (loss / tc.grad_accum).backward()  # scaled: the micro-batches' gradients add up to the mean
+        # clip and step the backbone, then the tables by their own norm (the authors' code does both)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        optimizer.step()
+        tnorm = tables.step(lr, tc.grad_clip)  # offload: the host part is queued, not waited for
+        optimizer.zero_grad(set_to_none=True)
         iter_num += 1
-        lossf = loss.item()
-        write_metrics(dict(kind="train", iter=iter_num, loss=lossf, lr=lr, grad_norm=gnorm, table_grad_norm=tnorm,
-                           dt_ms=dt * 1000, tok_per_s=tokens_per_step / dt))
-        if iter_num % tc.log_interval == 0 or iter_num == 1:
-            log(f"step {iter_num:5d} | loss {lossf:.4f} | lr {lr:.2e} | grad norm {gnorm:.2f} (tables {tnorm:.2f}) "
+        logged.append((iter_num, lr, torch.stack([loss.detach().float(), gnorm.float(), tnorm.float()])))
+        evaluating = (iter_num % tc.eval_interval == 0 or iter_num == tc.max_iters) and master
+        if iter_num % tc.log_interval == 0 or iter_num == 1 or evaluating:
+            # no device synchronize per step: the GPU runs ahead, and the time per step is the mean
+            # over the steps since the last log line, read once here
+            values = torch.stack([v for _, _, v in logged]).tolist()
+            dt = (time.time() - t_log) / len(logged)
+            for (it, lr_, _), (lossf, gn, tn) in zip(logged, values):
+                write_metrics(dict(kind="train", iter=it, loss=lossf, lr=lr_, grad_norm=gn, table_grad_norm=tn,
+                                   dt_ms=dt * 1000, tok_per_s=tokens_per_step / dt))
+            log(f"step {iter_num:5d} | loss {lossf:.4f} | lr {lr:.2e} | grad norm {gn:.2f} (tables {tn:.2f}) "
                 f"| dt {dt * 1000:.0f} ms | {tokens_per_step / dt:,.0f} tok/s")
-        if (iter_num % tc.eval_interval == 0 or iter_num == tc.max_iters) and master:
+            logged, t_log = [], time.time()
+        if evaluating:
             evaluate_and_save()
-            t0 = time.time()  # evaluation time is not step time
+            t_log = time.time()  # evaluation time is not step time
 
     if ddp:  # the ranks must hold identical weights; a cheap check that the table updates agreed
         s = torch.stack([p.detach().double().sum() for p in raw_model.parameters()]).sum().reshape(1)
@@ -593,8 +572,7 @@ def train(tc, mc, keys_set):
         torch.distributed.all_gather(all_s, s)
         log(f"DDP: parameter checksums across ranks {'agree' if all(torch.equal(a, s) for a in all_s) else 'DIFFER'}")
         torch.distributed.destroy_process_group()
-    if engine:
-        engine.sync()
+    tables.sync()
     log(f"done: {iter_num} steps, best val loss {best_val:.4f}; checkpoint {ckpt_path}")
 
 

@@ -1,14 +1,13 @@
 """model.py against hand-written references: FFN formulas, gradients, accounting, causality,
-KV-cache generation, the two table optimizers, and editing."""
+KV-cache generation, the backbone optimizer, and editing."""
 import copy
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import tiny_config
-from model import GPT, STEM, SwiGLU, TableAdamW, configure_optimizers, parse_stem_layers
+from model import GPT, STEM, SwiGLU, configure_optimizer, parse_stem_layers
 
 
 def test_ffns_equal_their_formulas():
@@ -121,7 +120,9 @@ def test_kv_cache_generation_equals_full_recomputation(ffn):
         for t in range(5, 14):
             step_logits, _ = m(out[:, t:t + 1], cache=cache, pos=t)
             full, _ = m(out[:, :t + 1], torch.zeros_like(out[:, :t + 1]))
-            torch.testing.assert_close(step_logits[:, -1], full[:, -1], rtol=1e-5, atol=1e-5)
+            # float32, and the two paths sum attention in different orders (one query against the
+            # cache vs the whole causal square): agreement to 1e-4 on logits of size ~10
+            torch.testing.assert_close(step_logits[:, -1], full[:, -1], rtol=1e-4, atol=1e-4)
 
 
 def test_generate_chunked_prefill_matches_single_prefill():
@@ -137,65 +138,22 @@ def test_generate_chunked_prefill_matches_single_prefill():
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def _table_grads(shape, steps, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=g) for _ in range(steps)]
-
-
-def test_dense_table_optimizer_equals_torch_adamw():
-    p0 = torch.randn(30, 8)
-    a, b = p0.clone().requires_grad_(), p0.clone().requires_grad_()
-    ours = TableAdamW([a], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, lazy=False)
-    ref = torch.optim.AdamW([b], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    for g in _table_grads(p0.shape, 5):
-        a.grad, b.grad = g.clone(), g.clone()
-        ours.step()
-        ref.step()
-    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(ours.state[a]["exp_avg_sq"], ref.state[b]["exp_avg_sq"], rtol=1e-6, atol=1e-9)
-    assert not torch.equal(a, p0)
-
-
-def test_lazy_table_optimizer_touches_only_present_rows():
-    V, d, lr, b1, b2, eps, wd = 12, 4, 1e-2, 0.9, 0.95, 1e-8, 0.1
-    p = torch.randn(V, d).requires_grad_()
-    opt = TableAdamW([p], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, lazy=True)
-    # hand-written AdamW with per-row bookkeeping, in float64 then compared
-    ref_p, ref_m, ref_v = p.detach().double().clone(), torch.zeros(V, d, dtype=torch.float64), torch.zeros(V, d, dtype=torch.float64)
-    batches = [torch.tensor([1, 3, 3]), torch.tensor([3, 5]), torch.tensor([0, 1, 11])]
-    for t, ids in enumerate(batches, start=1):
-        before = {k: v.clone() for k, v in [("p", p.detach()), ("m", opt.state[p].get("exp_avg", torch.zeros(V, d))),
-                                             ("v", opt.state[p].get("exp_avg_sq", torch.zeros(V, d)))]}
-        g = torch.zeros(V, d)
-        g[ids] = torch.randn(len(ids), d)  # dense gradient, zero outside the batch rows
-        p.grad = g
-        opt.step(present=ids)
-        rows = sorted(set(ids.tolist()))
-        absent = [r for r in range(V) if r not in rows]
-        assert torch.equal(p.detach()[absent], before["p"][absent])  # bit-identical
-        assert torch.equal(opt.state[p]["exp_avg"][absent], before["m"][absent])
-        assert torch.equal(opt.state[p]["exp_avg_sq"][absent], before["v"][absent])
-        for r in rows:
-            gd = g[r].double()
-            ref_p[r] *= 1 - lr * wd
-            ref_m[r] = b1 * ref_m[r] + (1 - b1) * gd
-            ref_v[r] = b2 * ref_v[r] + (1 - b2) * gd * gd
-            mhat, vhat = ref_m[r] / (1 - b1 ** t), ref_v[r] / (1 - b2 ** t)
-            ref_p[r] -= lr * mhat / (vhat.sqrt() + eps)
-        torch.testing.assert_close(p.detach().double(), ref_p, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="present"):
-        opt.step()
-
-
-def test_configure_optimizers_splits_tables():
+def test_configure_optimizer_leaves_tables_out():
     m = GPT(tiny_config(stem_layers="1,3"))
-    backbone, tables = configure_optimizers(m, 1e-3, 0.1, table_optimizer="lazy")
-    tparams = tables.param_groups[0]["params"]
-    assert len(tparams) == 2 and tables.param_groups[0]["lazy"]
-    bparams = [p for g in backbone.param_groups for p in g["params"]]
-    assert len(bparams) + len(tparams) == len(list(m.parameters()))
-    assert all(g["weight_decay"] == 0 for g in backbone.param_groups if g["params"][0].dim() == 1)
-    assert configure_optimizers(GPT(tiny_config(ffn="swiglu")), 1e-3, 0.1)[1] is None
+    opt = configure_optimizer(m, 1e-3, 0.1)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    tables = {id(f.table) for f in m.stem_ffns()}
+    assert len(tables) == 2 and not tables & {id(p) for p in params}
+    assert len(params) + 2 == len(list(m.parameters()))
+    assert all(g["weight_decay"] == 0 for g in opt.param_groups if g["params"][0].dim() == 1)
+
+
+def test_non_contiguous_targets():
+    m = GPT(tiny_config())
+    x = torch.randint(0, 50, (2, 17))
+    _, a = m(x[:, :-1], targets=x[:, 1:])
+    _, b = m(x[:, :-1].contiguous(), targets=x[:, 1:].contiguous())
+    assert torch.equal(a, b)
 
 
 def test_edit_by_stem_ids_equals_swapping_rows_and_identity_edit_is_noop():
@@ -214,8 +172,9 @@ def test_edit_by_stem_ids_equals_swapping_rows_and_identity_edit_is_noop():
         b, _ = swapped(idx)
         plain, _ = m(idx)
         ident, _ = m(idx, stem_ids=idx.clone())
-        rows = [F.embedding(edited_ids, f.table) for f in m.stem_ffns()]
-        c, _ = m(idx, stem_rows=rows)
+        # the same edit through stem_tables: only the unique rows, looked up by the inverse index
+        uniq, inv = torch.unique(edited_ids, return_inverse=True)
+        c, _ = m(idx, stem_ids=inv, stem_tables=[f.table[uniq] for f in m.stem_ffns()])
     assert torch.equal(a, b)
     assert torch.equal(a, c)
     assert torch.equal(plain, ident)

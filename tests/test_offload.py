@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from model import GPT, configure_optimizers
-from offload import Offload, OffloadError
+from model import GPT, configure_optimizer
+from offload import OffloadedTables, OffloadError
+from tables import ResidentTables
 from test_train import TINY, _losses, _train_inproc, assert_user_error, facts, run, trained  # noqa: F401
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -31,10 +32,11 @@ def _batches(V, steps, accum, B, T, seed):
 
 def _train_both(cfg, steps, accum=2, device="cpu", ctx=None, lr=1e-2, B=3, T=8, variants=("resident", "offload"),
                 stall=False):
-    """The same steps for each variant: "resident" (lazy TableAdamW), "offload" (the pipeline),
-    "offload-sync" (the pipeline drained after every call: no overlap at all). Returns per variant
-    the state dict and table optimizer state in the checkpoint format, the losses, and the engine
-    or model. stall=True keeps the GPU busy before each host update, to widen any race window."""
+    """The same steps for each variant, through the one table interface, as train.py runs them:
+    "resident" (ResidentTables, lazy), "offload" (the pipeline), "offload-sync" (the pipeline
+    drained after every call: no overlap at all). Returns per variant the state dict and table
+    optimizer state in the checkpoint format, the losses, and the tables object. stall=True keeps
+    the GPU busy before each table step, to widen any race window."""
     ctx = ctx or torch.autocast("cpu", enabled=False)
     torch.manual_seed(0)
     base = GPT(cfg)
@@ -42,45 +44,35 @@ def _train_both(cfg, steps, accum=2, device="cpu", ctx=None, lr=1e-2, B=3, T=8, 
     results = []
     for variant in variants:
         m = copy.deepcopy(base)
-        eng = Offload(m, device, train=True, weight_decay=0.1) if variant != "resident" else None
-        drain = eng.sync if variant == "offload-sync" else (lambda: None)
-        m.to(device)
-        bb, tab = configure_optimizers(m, lr, 0.1, table_optimizer="lazy")
+        if variant == "resident":
+            tables = ResidentTables(m, device, "lazy")
+        else:
+            tables = OffloadedTables(m, device)
+        drain = tables.sync if variant == "offload-sync" else (lambda: None)
+        opt = configure_optimizer(m, lr, 0.1)
         losses = []
-        if eng:
-            eng.prefetch([x for x, _ in data[0]])
-            drain()
+        tables.prefetch([x for x, _ in data[0]])
+        drain()
         for s in range(steps):
-            rows = [None] * accum
-            if eng:
-                rows = eng.rows()
-                if s + 1 < steps:
-                    eng.prefetch([x for x, _ in data[s + 1]])
-                    drain()
-            for (x, y), r in zip(data[s], rows):
+            rows = tables.rows()
+            if s + 1 < steps:
+                tables.prefetch([x for x, _ in data[s + 1]])
+                drain()
+            for (x, y), (stem_ids, stem_tables) in zip(data[s], rows):
                 with ctx:
-                    _, loss = m(x.to(device), y.to(device), stem_rows=r)
+                    _, loss = m(x.to(device), y.to(device), stem_ids=stem_ids, stem_tables=stem_tables)
                 (loss / accum).backward()
                 losses.append(loss.detach())  # no .item() here: the GPU may run ahead of the host
-            torch.nn.utils.clip_grad_norm_([p for g in bb.param_groups for p in g["params"]], 1.0)
-            bb.step()
-            if eng:
-                if stall:
-                    torch.cuda._sleep(2_000_000)
-                eng.step(lr, 1.0)
-                drain()
-            else:
-                present = torch.cat([x.flatten() for x, _ in data[s]]).to(device)
-                tab.clip_grad_norm_(1.0, present)
-                tab.step(present)
-            bb.zero_grad(set_to_none=True)
-            if tab:
-                tab.zero_grad(set_to_none=True)
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+            opt.step()
+            if stall:
+                torch.cuda._sleep(2_000_000)
+            tables.step(lr, 1.0)
+            drain()
+            opt.zero_grad(set_to_none=True)
         losses = [v.item() for v in losses]
-        if eng:
-            results.append((eng.state_dict(m), eng.optimizer_state_dict(lr), losses, eng))
-        else:
-            results.append((m.state_dict(), tab.state_dict(), losses, m))
+        tables.sync()
+        results.append((tables.state_dict(m), tables.optimizer_state_dict(lr), losses, tables))
     return results
 
 
@@ -88,7 +80,10 @@ def test_training_offloaded_is_bit_identical_to_resident_lazy():
     # widths that are multiples of 16 keep every elementwise kernel on its vector path in both
     # layouts ((K, ffn) blocks resident, (K, n_stem * ffn) packed rows offloaded)
     cfg = tiny_config(vocab_size=40, ffn_hidden=32, stem_layers="1,3")
-    (sd_r, opt_r, loss_r, _), (sd_o, opt_o, loss_o, _) = _train_both(cfg, steps=8)
+    (sd_r, opt_r, loss_r, _), (sd_o, opt_o, loss_o, eng) = _train_both(cfg, steps=8)
+    # the data exercises every path: rows shared with a neighbouring step (updated on the device and
+    # carried), rows of one step only (host update), rows leaving the device (written back)
+    assert all(v > 0 for v in eng.counts.values()), eng.counts
     assert loss_r == loss_o
     assert sd_r.keys() == sd_o.keys()
     for k in sd_r:
@@ -108,7 +103,7 @@ def test_offloaded_model_holds_no_tables_and_state_dict_keys_match():
     cfg = tiny_config()
     m = GPT(cfg)
     keys = set(m.state_dict())
-    eng = Offload(m, "cpu")
+    eng = OffloadedTables(m, "cpu", train=False)
     assert all(f.table is None for f in m.stem_ffns())
     assert not any(k.endswith("table") for k in m.state_dict())
     assert set(eng.state_dict(m)) == keys
@@ -123,15 +118,16 @@ def test_inference_logits_and_greedy_generation_identical_with_evicting_cache():
     for f in res.stem_ffns():
         torch.nn.init.normal_(f.table)
     off = copy.deepcopy(res)
-    eng = Offload(off, "cpu", cache_rows=6)
+    eng = OffloadedTables(off, "cpu", train=False, cache_rows=6)
     idx = torch.randint(0, cfg.vocab_size, (2, 11))
     with torch.no_grad():
         a, _ = res(idx, torch.zeros_like(idx))
-        b, _ = off(idx, torch.zeros_like(idx), stem_rows=eng.lookup(idx))
+        stem_ids, stem_tables = eng.lookup(idx)
+        b, _ = off(idx, torch.zeros_like(idx), stem_ids=stem_ids, stem_tables=stem_tables)
     assert torch.equal(a, b)
     eng.prefetch_prompt(idx, 4)
     ga = res.generate(idx, 30, temperature=0, prefill_chunk=4)
-    gb = off.generate(idx, 30, temperature=0, stem_rows_fn=eng.stem_rows_fn, prefill_chunk=4)
+    gb = off.generate(idx, 30, temperature=0, stem_fn=eng.stem_fn, prefill_chunk=4)
     assert torch.equal(ga, gb)
     c = eng.cache
     assert len(set(ga[:, 11:].flatten().tolist())) > c.n  # more ids than slots: eviction happened
@@ -142,7 +138,7 @@ def test_inference_logits_and_greedy_generation_identical_with_evicting_cache():
 
 def test_cache_evicts_least_frequently_used_then_least_recent():
     m = GPT(tiny_config())
-    eng = Offload(m, "cpu", cache_rows=3)
+    eng = OffloadedTables(m, "cpu", train=False, cache_rows=3)
     c = eng.cache
     for t in (1, 1, 1, 2, 2, 3):  # freq: 1 -> 3, 2 -> 2, 3 -> 1
         c.rows(torch.tensor([[t]]))
@@ -156,16 +152,51 @@ def test_cache_evicts_least_frequently_used_then_least_recent():
         assert torch.equal(c.buf[s], eng.table[t])
 
 
+def test_second_prefetch_before_rows_raises_and_cache_refuses_training():
+    m = GPT(tiny_config())
+    eng = OffloadedTables(m, "cpu")
+    eng.prefetch([torch.tensor([[1, 2]])])
+    with pytest.raises(OffloadError, match="prefetch"):
+        eng.prefetch([torch.tensor([[3, 4]])])
+    with pytest.raises(OffloadError, match="inference"):
+        OffloadedTables(GPT(tiny_config()), "cpu", train=True, cache_rows=8)
+
+
+def test_prefetch_between_rows_and_step_and_after_step_agree():
+    """The loop prefetches step i+1 after rows(i) (rows carried on the device); a caller may also
+    prefetch after step(i) (nothing carried, all from the host). Both orders give the same bits."""
+    cfg = tiny_config(vocab_size=40, ffn_hidden=32)
+    data = _batches(cfg.vocab_size, 5, 1, 3, 8, seed=2)
+    out = []
+    for late in (False, True):
+        torch.manual_seed(0)
+        m = GPT(cfg)
+        eng = OffloadedTables(m, "cpu")
+        eng.prefetch([data[0][0][0]])
+        for s in range(5):
+            (stem_ids, stem_tables), = eng.rows()
+            if not late and s + 1 < 5:
+                eng.prefetch([data[s + 1][0][0]])
+            m(*data[s][0], stem_ids=stem_ids, stem_tables=stem_tables)[1].backward()
+            eng.step(1e-2, 1.0)
+            if late and s + 1 < 5:
+                eng.prefetch([data[s + 1][0][0]])
+        out.append(eng.state_dict(m))
+        assert (eng.counts["device"] > 0) != late
+    for k in out[0]:
+        assert torch.equal(out[0][k], out[1][k]), k
+
+
 def test_cache_smaller_than_one_step_is_an_error():
     m = GPT(tiny_config())
-    eng = Offload(m, "cpu", cache_rows=1)
+    eng = OffloadedTables(m, "cpu", train=False, cache_rows=1)
     with pytest.raises(OffloadError, match="offload_cache_rows"):
         eng.cache.rows(torch.tensor([[1], [2]]))
 
 
 def test_offload_refuses_swiglu():
     with pytest.raises(OffloadError, match="STEM layers"):
-        Offload(GPT(tiny_config(ffn="swiglu")), "cpu")
+        OffloadedTables(GPT(tiny_config(ffn="swiglu")), "cpu")
 
 
 def _ckpt(out):
@@ -226,7 +257,7 @@ def test_cuda_training_offloaded_matches_resident_bf16():
         assert abs(a - b) < 2e-2 * max(1.0, abs(a))
     for k in sd_r:
         torch.testing.assert_close(sd_r[k].float().cpu(), sd_o[k].float().cpu(), rtol=2e-2, atol=2e-3)
-    assert all(s["staging"].is_pinned() for s in eng.slots)
+    assert all(s.stage.is_pinned() and s.out.is_pinned() for s in eng.slots)
 
 
 @cuda
@@ -240,8 +271,7 @@ def test_cuda_no_table_storage_on_gpu():
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     m = GPT(cfg)
-    eng = Offload(m, "cuda", train=True)
-    m.cuda()
+    eng = OffloadedTables(m, "cuda")  # places the model
     offloaded = torch.cuda.memory_allocated() - base
     table_bytes = eng.table.numel() * eng.table.element_size()
     assert resident - offloaded >= table_bytes

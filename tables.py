@@ -1,0 +1,246 @@
+"""
+The STEM tables and their optimizer, behind one interface, wherever the tables live.
+
+    tables = ResidentTables(model, device, optimizer="lazy")   # or offload.OffloadedTables(model, device)
+    tables.prefetch(xs)       # the ids of the next step's micro-batches: known before its forward pass
+    batches = tables.rows()   # per micro-batch (stem_ids, stem_tables) for GPT.forward: the inverse index
+                              # and the step's unique rows per layer, or (None, None): a plain lookup
+    ... forward and backward of each micro-batch ...
+    tables.step(lr, max_norm) # clip the tables' gradient by its own norm (authors' code), AdamW on them
+    tables.sync()             # before evaluating or saving: every queued update has landed
+
+Both placements place the model on the device themselves (offload must take the tables out first)
+and write checkpoints with the same keys, so a run can switch placement on resume.
+
+Two table optimizers (the paper trains its tables with AdamW like every other weight):
+- dense: torch.optim.AdamW over whole tables, the paper's recipe. Rows absent from the batch still
+  move (momentum, weight decay), so every row is read and written each step, and backward builds a
+  (vocab, ffn_hidden) gradient per table.
+- lazy: a row-sparse AdamW. Only the rows whose ids are in the step change, weight decay included;
+  the moments of absent rows are untouched. A different optimizer, and the one that makes offload
+  cheap. It never builds a (vocab, ffn_hidden) gradient: per step, torch.unique gives the K unique
+  ids and the inverse index (position -> row); each STEM layer gets a (K, ffn_hidden) leaf tensor
+  holding its table's rows and looks them up by the inverse index: the same F.embedding as a plain
+  lookup, into a smaller table (GPT.forward's stem_ids and stem_tables). Backward leaves a compact
+  (K, ffn_hidden) gradient per layer, and `RowAdamW` updates exactly those K rows in place.
+  offload.py uses the same unique ids, the same leaves and the same RowAdamW, so the two
+  placements are bit-identical on the CPU (tested).
+
+Under DDP (resident only) the ranks agree on the union of their ids before the step, so that the
+compact gradients line up row for row and can be all-reduced; every rank updates the same rows.
+"""
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+
+def adamw_(params, grads, exp_avgs, exp_avg_sqs, step, lr, betas, eps, weight_decay):
+    """One AdamW step, in place, on lists of matching tensors, with the fused kernel that
+    torch.optim.AdamW(fused=True) runs (decoupled weight decay, bias correction by `step`). The
+    kernel is elementwise and cuts its work at multiples of 16 values, so a value's result does not
+    depend on how the rows are grouped into tensors (row views, gathered blocks, packed layers)
+    when the row widths are multiples of 16, as every width in this repo is."""
+    if params:
+        steps = [torch.full((), float(step), device=params[0].device)] * len(params)  # read, not written
+        torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=betas[0],
+                            beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
+
+
+def clip_joint_norm_(grads, max_norm):
+    """Scale grads in place by min(1, max_norm / joint norm), as torch.nn.utils.clip_grad_norm_ does,
+    and return the norm. Both placements hand in the same per-layer (K, ffn_hidden) blocks, so
+    they clip bit-identically."""
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef)
+    return total
+
+
+def _single_thread():
+    torch.set_num_threads(1)  # per thread: the main thread keeps its own intra-op threads
+
+
+class RowAdamW:
+    """Lazy AdamW on chosen rows of a (V, W) table `p`, with moments m and v beside it.
+
+    On the CPU it runs in place on row views (no gather, no scatter, no temporaries), the rows split
+    over `threads` threads with one intra-op thread each: the fused kernel opens a parallel region per
+    tensor, which costs more than a row's work when a row is a few KiB. The views are made once (a
+    few microseconds a row). On CUDA it gathers the rows, runs the kernel once and scatters them back:
+    the GPU's memory is fast enough that this costs nothing next to the step."""
+
+    def __init__(self, p, threads=None):
+        self.p, self.m, self.v = p, torch.zeros_like(p), torch.zeros_like(p)
+        self.cuda = p.is_cuda
+        if not self.cuda:
+            self.views = [t.unbind(0) for t in (self.p, self.m, self.v)]
+            self.threads = threads or min(8, os.cpu_count() or 1)
+            self.pool = ThreadPoolExecutor(self.threads, initializer=_single_thread)
+
+    @torch.no_grad()
+    def update(self, ids, g, step, lr, betas, eps, weight_decay):
+        """AdamW on rows ids (K,) of p, m, v with their gradient g (K, W)."""
+        hyper = (step, lr, betas, eps, weight_decay)
+        if self.cuda:
+            ids = ids.to(self.p.device)
+            p, m, v = self.p[ids], self.m[ids], self.v[ids]
+            adamw_([p], [g], [m], [v], *hyper)
+            for t, rows in ((self.p, p), (self.m, m), (self.v, v)):
+                t.index_copy_(0, ids, rows)
+            return
+        ids, gs = ids.tolist(), g.unbind(0)
+        P, M, V = self.views
+        cuts = [len(ids) * k // self.threads for k in range(self.threads + 1)]
+        jobs = [self.pool.submit(adamw_, [P[i] for i in ids[a:b]], list(gs[a:b]), [M[i] for i in ids[a:b]],
+                                 [V[i] for i in ids[a:b]], *hyper) for a, b in zip(cuts, cuts[1:]) if b > a]
+        for j in jobs:
+            j.result()
+
+
+def unique_ids(xs):
+    """The unique ids (K,) of a step's micro-batches xs (list of (B, T) CPU tensors), sorted, and
+    for each micro-batch the inverse index (B, T) into them."""
+    ids = torch.cat([x.reshape(-1) for x in xs])
+    uniq, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+    return uniq, [inv.view(x.shape) for inv, x in zip(inverse.split([x.numel() for x in xs]), xs)]
+
+
+def to_device(t, device):
+    """A CPU tensor to the device without stalling the host: pinned, then an asynchronous copy."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+class Tables:
+    """What both placements share: the hyperparameters, the step count and the lazy optimizer's
+    checkpoint format (one entry per STEM layer: step, exp_avg, exp_avg_sq; the format of the
+    resident run, so that placements interchange on resume)."""
+
+    def __init__(self, model, optimizer, weight_decay, betas, eps):
+        if optimizer not in ("dense", "lazy"):
+            raise ValueError(f"table_optimizer={optimizer!r} is not one of 'dense', 'lazy'")
+        self.optimizer, self.lazy = optimizer, optimizer == "lazy"
+        self.hyper = dict(betas=betas, eps=eps, weight_decay=weight_decay)
+        self.names = [f"blocks.{i}.ffn.table" for i in model.stem_layers]
+        self.n, self.steps = len(self.names), 0
+
+    def _lazy_state(self, moments, lr):
+        """moments: per layer (exp_avg, exp_avg_sq), CPU tensors."""
+        state = {l: {"step": torch.tensor(float(self.steps)), "exp_avg": m, "exp_avg_sq": v}
+                 for l, (m, v) in enumerate(moments)} if self.steps else {}
+        group = dict(lr=lr, **self.hyper, lazy=True, params=list(range(self.n)))
+        return {"state": state, "param_groups": [group]}
+
+    def _check_loadable(self, sd, hint):
+        saved = "lazy" if sd["param_groups"][0].get("lazy", False) else "dense"
+        if saved != self.optimizer:
+            raise ValueError(f"this checkpoint's tables were trained with the {saved} optimizer; "
+                             f"resume with --table_optimizer={saved}{hint}")
+        g = sd["param_groups"][0]  # as torch's load_state_dict: the saved hyperparameters win
+        self.hyper = dict(betas=tuple(g["betas"]), eps=g["eps"], weight_decay=g["weight_decay"])
+        for st in sd["state"].values():
+            self.steps = int(st["step"].item())
+
+
+class ResidentTables(Tables):
+    """The tables are parameters of the model, on the device."""
+
+    def __init__(self, model, device, optimizer="dense", weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8,
+                 ddp=False, threads=None):
+        super().__init__(model, optimizer, weight_decay, betas, eps)
+        model.to(device)
+        self.device, self.ddp, self.V = device, ddp, model.cfg.vocab_size
+        self.tables = [f.table for f in model.stem_ffns()]
+        self.pending, self.current = None, None
+        if not self.tables:
+            return
+        if self.lazy:
+            for t in self.tables:  # updated by RowAdamW through compact leaves, never by autograd
+                t.requires_grad_(False)
+            self.opts = [RowAdamW(t.data, threads) for t in self.tables]
+        else:  # the paper's second AdamW, over whole tables, so that they clip by their own norm
+            self.opt = torch.optim.AdamW([dict(params=self.tables, lazy=False)], lr=0.0, betas=betas, eps=eps,
+                                         weight_decay=weight_decay)
+
+    def prefetch(self, xs):
+        if self.pending is not None:
+            raise RuntimeError("prefetch() twice before rows(): one step ahead at most")
+        self.pending = (len(xs), self._ids(xs) if self.lazy and self.tables else None)
+
+    def _ids(self, xs):
+        uniq, inverses = unique_ids(xs)
+        if self.ddp:  # the union of every rank's ids, so that the compact gradients line up
+            import torch.distributed as dist
+            mask = torch.zeros(self.V, device=self.device)
+            mask[uniq.to(self.device)] = 1
+            dist.all_reduce(mask)
+            uniq = mask.nonzero().flatten().cpu()
+            inverses = [torch.searchsorted(uniq, x) for x in xs]
+        return to_device(uniq, self.device), [to_device(inv, self.device) for inv in inverses]
+
+    def rows(self):
+        n_micro, ids = self.pending
+        self.pending = None
+        if ids is None:
+            return [(None, None)] * n_micro  # dense (or no STEM layers): the model looks its rows up itself
+        uniq, inverses = ids
+        leaves = [t[uniq].requires_grad_() for t in self.tables]  # (K, ffn) per layer
+        self.current = (uniq, leaves)
+        return [(inv, leaves) for inv in inverses]
+
+    def step(self, lr, max_norm):
+        """After backward: clip and update; returns the tables' gradient norm (a tensor)."""
+        if not self.tables:
+            return torch.zeros((), device=self.device)
+        self.steps += 1
+        if not self.lazy:
+            norm = clip_joint_norm_([t.grad for t in self.tables], max_norm)
+            self.opt.param_groups[0]["lr"] = lr
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            return norm
+        uniq, leaves = self.current
+        self.current = None
+        grads = [leaf.grad for leaf in leaves]
+        if self.ddp:  # averaged over ranks, as DDP averages the backbone's gradients
+            import torch.distributed as dist
+            for g in grads:
+                dist.all_reduce(g)
+                g.div_(dist.get_world_size())
+        norm = clip_joint_norm_(grads, max_norm)
+        for opt, g in zip(self.opts, grads):
+            opt.update(uniq, g, self.steps, lr, **self.hyper)
+        return norm
+
+    def sync(self):
+        pass  # resident updates run in the caller's order
+
+    def lookup(self, ids):
+        return None, None  # the model looks its rows up itself
+
+    stem_fn = None  # for GPT.generate: plain lookups
+
+    def state_dict(self, model):
+        return model.state_dict()
+
+    def optimizer_state_dict(self, lr):
+        if not self.tables:
+            return None
+        if not self.lazy:
+            return self.opt.state_dict()
+        return self._lazy_state([(o.m.cpu(), o.v.cpu()) for o in self.opts], lr)
+
+    def load_optimizer_state_dict(self, sd):
+        if sd is None or not self.tables:
+            return
+        self._check_loadable(sd, "")
+        if not self.lazy:
+            self.opt.load_state_dict(sd)
+            return
+        for l, st in sd["state"].items():
+            self.opts[int(l)].m.copy_(st["exp_avg"])
+            self.opts[int(l)].v.copy_(st["exp_avg_sq"])
