@@ -50,6 +50,13 @@ class BenchConfig:
     decode_tokens: int = 64  # decode mode: new tokens per sample
     ckpt: str = ""  # decode mode: a trained checkpoint (real token statistics; its data); "" = random init
     runs: str = "runs"  # quality mode: folders written by quality.sh
+    variants: str = "swiglu,stem-dense,stem-lazy,stem-offload"  # train mode
+    repeats: int = 1  # train mode: runs per variant, round-robin; the median is reported
+    shape: str = "gpt2-small"  # offload mode: the shape for host rates and the step model, or "model" (--n_layer=...)
+    unique_ids: int = 0  # offload mode: K for the step model; 0 = measured on data_dir if its vocabulary fits, else 10k
+    shared_fraction: float = 0.45  # offload mode: with --unique_ids, the fraction of K the previous step shares
+    host_gbps: float = 60.0  # offload mode: host memory bandwidth of a GPU server, for the step model
+    host_threads: Optional[int] = None  # offload mode: RowAdamW threads; None = min(8, cores)
     plot_dir: str = "assets"  # where PNGs go
     variant: str = ""  # internal: train mode runs each variant in a child process
 
@@ -103,7 +110,28 @@ def table(rows, cols):
 # ffn: one layer, forward + backward
 
 
+def timed_side_by_side(fns, device, burn_in, steps):
+    """Median seconds per call of each fn in the dict, the calls interleaved (a, b, c, a, b, c, ...)
+    so that a slow patch of the machine hits every variant alike."""
+    for _ in range(burn_in):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(steps):
+        for k, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def bench_ffn(bc, device, ctx):
+    """One FFN layer, forward and backward: SwiGLU; STEM with the dense table gradient that a plain
+    lookup's backward builds (vocab x ffn_hidden, the dense optimizer's); STEM with the lazy
+    optimizer's compact rows (unique ids, gathered rows, a (K, ffn_hidden) gradient: tables.py),
+    the unique and the gather counted in."""
     rows, out = [], []
     for shape in bc.shapes.split(","):
         try:
@@ -113,26 +141,39 @@ def bench_ffn(bc, device, ctx):
         cfg = GPTConfig(vocab_size=bc.table_vocab, n_embd=d, ffn_hidden=h)
         x = torch.randn(1, n, d, device=device, requires_grad=True)
         ids = torch.randint(0, bc.table_vocab, (1, n), device=device)
-        res = {}
-        for name, cls in (("swiglu", SwiGLU), ("stem", STEM)):
-            layer = cls(cfg).to(device)
-            if name == "stem":
-                torch.nn.init.xavier_normal_(layer.table)
+        swiglu, stem = SwiGLU(cfg).to(device), STEM(cfg).to(device)
+        torch.nn.init.xavier_normal_(stem.table)
+        lazy = STEM(cfg).to(device)
+        lazy.load_state_dict(stem.state_dict())
+        lazy.table.requires_grad_(False)  # as ResidentTables does: gradients go to the compact leaf
 
+        def run(layer, lazy_rows=False):
             def step():
-                with ctx:
-                    y = layer(x, ids)
+                if lazy_rows:
+                    uniq, inv = torch.unique(ids, return_inverse=True)
+                    leaf = layer.table[uniq].requires_grad_()  # (K, ffn)
+                    with ctx:
+                        y = layer(x, inv, leaf)
+                else:
+                    with ctx:
+                        y = layer(x, ids)
                 y.float().sum().backward()
                 layer.zero_grad(set_to_none=True)
                 x.grad = None
-            res[name] = timed(step, device, bc.burn_in, bc.steps)
-        ratio = res["stem"] / res["swiglu"]
+            return step
+        res = timed_side_by_side(dict(swiglu=run(swiglu), stem_dense=run(stem), stem_lazy=run(lazy, True)),
+                                 device, bc.burn_in, bc.steps)
         theory = 2 / 3  # two matmuls instead of three, forward and backward alike
+        r = {k: res[k] / res["swiglu"] for k in ("stem_dense", "stem_lazy")}
         rows.append(dict(shape=f"d={d} ffn={h} tokens={n}", swiglu=f"{res['swiglu'] * 1e3:.2f} ms",
-                         stem=f"{res['stem'] * 1e3:.2f} ms", ratio=f"{ratio:.3f}", flop_ratio=f"{theory:.3f}"))
-        out.append(dict(n_embd=d, ffn_hidden=h, tokens=n, swiglu_ms=res["swiglu"] * 1e3, stem_ms=res["stem"] * 1e3,
-                        time_ratio=ratio, flop_ratio=theory))
-    table(rows, ["shape", "swiglu", "stem", "ratio", "flop_ratio"])
+                         stem_dense=f"{res['stem_dense'] * 1e3:.2f} ms ({r['stem_dense']:.3f})",
+                         stem_lazy=f"{res['stem_lazy'] * 1e3:.2f} ms ({r['stem_lazy']:.3f})", flop_ratio=f"{theory:.3f}"))
+        out.append(dict(n_embd=d, ffn_hidden=h, tokens=n, swiglu_ms=res["swiglu"] * 1e3,
+                        stem_dense_ms=res["stem_dense"] * 1e3, stem_lazy_ms=res["stem_lazy"] * 1e3,
+                        dense_ratio=r["stem_dense"], lazy_ratio=r["stem_lazy"], flop_ratio=theory))
+    table(rows, ["shape", "swiglu", "stem_dense", "stem_lazy", "flop_ratio"])
+    print("# (ratio to SwiGLU in brackets); stem_dense: the dense (vocab, ffn) table gradient; stem_lazy: "
+          "compact rows, unique and gather included")
     return {"ffn": out, "table_vocab": bc.table_vocab}
 
 
@@ -193,83 +234,204 @@ def train_variant(bc, mc, device, ctx):
                 train_flops_per_token=flops)
 
 
-def bench_train(bc, mc, device, argv):
-    peak = bc.peak_flops
-    if peak is None and device.startswith("cuda"):
+def peak_flops(bc, device):
+    if bc.peak_flops is None and device.startswith("cuda"):
         name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-    results = []
-    for v in VARIANTS:
-        if VARIANTS[v][0] == "stem" and mc.ffn == "swiglu":
-            continue
-        args = [a for a in argv if not a.startswith("--variant")] + [f"--variant={v}"]
-        p = subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True, text=True)
-        if p.returncode != 0:
-            raise UserError(f"variant {v} failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
-        results.append(json.loads(p.stdout.strip().splitlines()[-1]))
-    base = next(r for r in results if r["variant"] == "swiglu")
+        return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return bc.peak_flops
+
+
+def run_variants(argv, variants, repeats):
+    """Each variant's training steps in a child process of its own (its peak memory is its own), the
+    variants round-robin `repeats` times; per variant the run with the median tokens/s."""
+    runs = {v: [] for v in variants}
+    for _ in range(repeats):
+        for v in variants:
+            args = [a for a in argv if not a.startswith(("--variant", "--variants", "--mode"))]
+            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--mode=train", *args, f"--variant={v}"],
+                               capture_output=True, text=True)
+            if p.returncode != 0:
+                raise UserError(f"variant {v} failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
+            runs[v].append(json.loads(p.stdout.strip().splitlines()[-1]))
+    out = []
+    for v, rs in runs.items():
+        rs.sort(key=lambda r: r["tok_per_s"])
+        med = dict(rs[len(rs) // 2], tok_per_s_runs=[r["tok_per_s"] for r in rs])
+        out.append(med)
+    return out
+
+
+def bench_train(bc, mc, device, argv):
+    peak = peak_flops(bc, device)
+    names = [v for v in bc.variants.split(",") if v]
+    for v in names:
+        if v not in VARIANTS:
+            raise UserError(f"variants: {v!r} is not one of {', '.join(VARIANTS)}")
+    if mc.ffn == "swiglu":
+        names = [v for v in names if VARIANTS[v][0] == "swiglu"]
+    results = run_variants(argv, names, bc.repeats)
+    base = next((r for r in results if r["variant"] == "swiglu"), None)
     lazy = next((r for r in results if r["variant"] == "stem-lazy"), None)
     rows = []
     for r in results:
-        r["vs_swiglu"] = r["tok_per_s"] / base["tok_per_s"]
+        r["vs_swiglu"] = r["tok_per_s"] / base["tok_per_s"] if base else None
         r["vs_stem_lazy"] = r["tok_per_s"] / lazy["tok_per_s"] if lazy else None
         r["mfu"] = r["train_flops_per_token"] * r["tok_per_s"] / peak if peak else None
         rows.append(dict(variant=r["variant"], step=f"{r['step_ms']:.1f} ms", tok_s=f"{r['tok_per_s']:,.0f}",
-                         vs_swiglu=f"{r['vs_swiglu']:.3f}",
+                         runs=" ".join(f"{t:,.0f}" for t in r["tok_per_s_runs"]),
+                         vs_swiglu=f"{r['vs_swiglu']:.3f}" if r["vs_swiglu"] else "-",
                          vs_lazy=f"{r['vs_stem_lazy']:.3f}" if r["vs_stem_lazy"] else "-",
                          mem=f"{r['peak_mem_mib']:,.0f} MiB", mfu=f"{r['mfu']:.1%}" if r["mfu"] else "n/a"))
-    table(rows, ["variant", "step", "tok_s", "vs_swiglu", "vs_lazy", "mem", "mfu"])
-    print(f"# memory: {'peak CUDA allocation' if device.startswith('cuda') else 'peak RSS of the child process'}; "
+    table(rows, ["variant", "step", "tok_s", "runs", "vs_swiglu", "vs_lazy", "mem", "mfu"])
+    print(f"# tok_s: the median of {bc.repeats} runs (all runs listed), the variants run round-robin; memory: "
+          f"{'peak CUDA allocation' if device.startswith('cuda') else 'peak RSS of the child process'}; "
           f"MFU peak: {peak if peak else 'unknown (pass --peak_flops)'}")
     return {"train": results, "batch_size": bc.batch_size, "block_size": mc.block_size, "peak_flops": peak}
 
 
 # -----------------------------------------------------------------------------
-# offload: the physical limit
+# offload: host rates against their floors, copy rates, and a step model of offloaded training
+
+# named shapes for the step model (and the host-rate measurements); "model" = the --key=value model config
+SHAPES = {"gpt2-small": dict(n_layer=12, n_head=12, n_embd=768, ffn_hidden=2048, vocab_size=50257, block_size=1024,
+                             stem_layers="third", batch_size=32)}
+WEB_TEXT = dict(unique=10_000, shared=0.45)  # K and the fraction shared with the previous step, 32 x 1024 GPT-2 tokens
 
 
-def unique_stats(bc, mc, meta, n=50):
-    batches = Batches(bc.data_dir, meta, mc.block_size, bc.batch_size, "cpu", seed=0)
-    fr = []
+def id_stats(data_dir, meta, block_size, batch_size, n=30):
+    """Unique ids per step and the fraction of them the previous step also had, on real data."""
+    batches = Batches(data_dir, meta, block_size, batch_size, "cpu", seed=0)
+    ks, shared, prev = [], [], None
     for _ in range(n):
-        x, _ = batches.get("train", to_device=False)
-        fr.append(len(torch.unique(x)))
-    fr.sort()
-    return dict(tokens_per_step=bc.batch_size * mc.block_size, unique_mean=statistics.mean(fr),
-                unique_p50=fr[len(fr) // 2], unique_p95=fr[int(len(fr) * 0.95)], unique_max=fr[-1])
+        u = torch.unique(batches.get("train", to_device=False)[0])
+        ks.append(len(u))
+        if prev is not None:
+            shared.append(torch.isin(u, prev).float().mean().item())
+        prev = u
+    ks.sort()
+    return dict(tokens_per_step=batch_size * block_size, unique=statistics.mean(ks), unique_p95=ks[int(len(ks) * 0.95)],
+                shared=statistics.mean(shared))
 
 
-def bench_offload(bc, mc, device):
+def host_rates(V, W, K, steps, threads=None):
+    """GB/s of fp32 table values (4 bytes each) for the host side of one offloaded step, on K random
+    rows of a (V, W) table: the gather into staging, the lazy AdamW (RowAdamW, as offload runs it),
+    its floor (the same fused kernel on one contiguous (K, W) tensor), and the write-back scatter."""
+    from tables import RowAdamW, adamw_
+    table = torch.empty(V, W).fill_(0.01)  # touched: untouched pages would read as free zeros
+    opt = RowAdamW(table, threads)
+    opt.m.fill_(0.001)
+    opt.v.fill_(0.001)
+    ids = torch.randperm(V)[:K].sort().values
+    staging, g = torch.empty(K, W), torch.full((K, W), 0.01)
+    p, m, v = torch.full((K, W), 0.01), torch.full((K, W), 0.001), torch.full((K, W), 0.001)
+    hyper = ((0.9, 0.95), 1e-8, 0.1)
+    fns = dict(gather=lambda: torch.index_select(table, 0, ids, out=staging),
+               host_update=lambda: opt.update(ids, g, 1, 1e-4, *hyper),
+               fused_floor=lambda: adamw_([p], [g], [m], [v], 1, 1e-4, *hyper),
+               scatter=lambda: table.index_copy_(0, ids, staging))
+    t = timed_side_by_side(fns, "cpu", 2, steps)
+    return {f"{k}_gbps": K * W * 4 / t[k] / 1e9 for k in fns}, opt.threads
+
+
+def step_model(shape, K, s, rates, link_gbps, host_gbps, mfu, peak):
+    """Predicted offloaded / resident step time for the offload design of offload.py, per step:
+    rows new in the step (K(1-s)) come in from the host; rows shared with a neighbouring step are
+    updated on the GPU; rows in neither neighbour (K(1-s)^2) get the host AdamW; rows leaving the
+    GPU (Ks(1-s)) are written back as p, m, v; rows new and shared with the next step (K(1-s)s)
+    bring their moments in. The host side runs on its own threads and the copies on their own
+    streams, overlapped with the GPU step; the step takes the longest of them. Host time: either
+    this machine's measured rates or a host of `host_gbps` GB/s memory bandwidth (bytes counted)."""
+    cfg = GPTConfig(**{k: v for k, v in shape.items() if k != "batch_size"})
+    model = GPT(GPTConfig(**{**asdict(cfg), "vocab_size": 8}))  # the counts need no real tables
+    n_stem = len(model.stem_layers)
+    W = n_stem * cfg.ffn_hidden
+    tokens = shape["batch_size"] * cfg.block_size
+    flops = 3 * (model.flops_per_token() + 2 * cfg.n_embd * (cfg.vocab_size - 8))  # the real head
+    t_gpu = flops * tokens / (mfu * peak)
+    new, host, wb, mv = K * (1 - s), K * (1 - s) ** 2, K * s * (1 - s), K * (1 - s) * s
+    values = dict(gather=(new + 2 * mv) * W, host_update=host * W, scatter=3 * wb * W)  # fp32 values per step
+    t_host_here = sum(values[k] * 4 / (rates[f"{k}_gbps"] * 1e9) for k in values)
+    bytes_host = 8 * values["gather"] + 28 * values["host_update"] + 8 * values["scatter"]
+    t_host_server = bytes_host / (host_gbps * 1e9)
+    t_h2d = (new + 2 * mv) * W * 4 / (link_gbps * 1e9)
+    t_d2h = (host + 3 * wb) * W * 4 / (link_gbps * 1e9)
+    t_dev = 28 * (K - host) * W / 4.8e12 * 3  # GPU AdamW on the shared rows, with its gathers and scatters (HBM)
+    inputs = dict(n_stem=n_stem, row_floats=W, tokens_per_step=tokens, unique_K=round(K), shared_s=round(s, 3),
+                  train_flops_per_token=flops, mfu=mfu, peak_flops=peak, link_gbps=round(link_gbps, 1),
+                  host_gbps=host_gbps, gpu_step_ms=t_gpu * 1e3, host_ms_this_machine=t_host_here * 1e3,
+                  host_ms_server=t_host_server * 1e3, h2d_ms=t_h2d * 1e3, d2h_ms=t_d2h * 1e3, gpu_extra_ms=t_dev * 1e3)
+
+    def ratio(t_host):
+        return t_gpu / max(t_gpu + t_dev, t_host, t_h2d, t_d2h)
+    return ratio(t_host_server), ratio(t_host_here), inputs
+
+
+def bench_offload(bc, mc, device, argv):
+    cuda = device.startswith("cuda")
+    if bc.shape == "model":
+        shape = dict(asdict(mc), batch_size=bc.batch_size)
+    elif bc.shape in SHAPES:
+        shape = SHAPES[bc.shape]
+    else:
+        raise UserError(f"shape={bc.shape!r} is not one of model, {', '.join(SHAPES)}")
     meta = load_meta(bc.data_dir)
-    mc.vocab_size = meta["vocab_size"]
-    u = unique_stats(bc, mc, meta)
-    n_stem = len(GPT(GPTConfig(**{**asdict(mc), "vocab_size": 8})).stem_layers)
-    W = n_stem * mc.ffn_hidden
-    bytes_step = u["unique_mean"] * W * 4
-    res = dict(unique=u, n_stem=n_stem, bytes_per_step=bytes_step)
-    # host gather: rows of a packed table into a (pinned) staging buffer
-    table_h = torch.randn(mc.vocab_size, W, pin_memory=device.startswith("cuda"))
-    ids = torch.randint(0, mc.vocab_size, (int(u["unique_mean"]),))
-    staging = torch.empty(len(ids), W, pin_memory=device.startswith("cuda"))
-    t = timed(lambda: torch.index_select(table_h, 0, ids, out=staging), "cpu", bc.burn_in, bc.steps)
-    res["gather_gb_s"] = staging.numel() * 4 / t / 1e9
-    rows = [dict(what="unique ids per step", value=f"{u['unique_mean']:.0f} of {u['tokens_per_step']} "
-                 f"(p50 {u['unique_p50']}, p95 {u['unique_p95']}, {u['unique_mean'] / u['tokens_per_step']:.1%})"),
-            dict(what="bytes per step (each way, fp32)", value=f"{bytes_step / 2**20:.2f} MiB ({n_stem} tables x {mc.ffn_hidden})"),
-            dict(what="host gather rate", value=f"{res['gather_gb_s']:.1f} GB/s")]
-    if not device.startswith("cuda"):
-        rows.append(dict(what="copy rates, lower bound", value="CUDA only: run on a GPU machine"))
-        table(rows, ["what", "value"])
-        return res
-    big = 256 * 2**20
-    h = torch.empty(big // 4, pin_memory=True)
-    g = torch.empty(big // 4, device=device)
-    res["h2d_gb_s"] = big / timed(lambda: g.copy_(h, non_blocking=True), device, 2, 10) / 1e9
-    res["d2h_gb_s"] = big / timed(lambda: h.copy_(g, non_blocking=True), device, 2, 10) / 1e9
-    res["lower_bound_ms"] = 2 * bytes_step / (res["h2d_gb_s"] * 1e9) * 1e3  # rows in, gradients out
-    rows += [dict(what="pinned H2D / D2H", value=f"{res['h2d_gb_s']:.1f} / {res['d2h_gb_s']:.1f} GB/s"),
-             dict(what="lower bound per step (rows in + grads out)", value=f"{res['lower_bound_ms']:.3f} ms")]
+    st = id_stats(bc.data_dir, meta, shape["block_size"], shape["batch_size"])
+    if bc.unique_ids:
+        K, s, source = bc.unique_ids, bc.shared_fraction, "given (--unique_ids, --shared_fraction)"
+    elif meta["vocab_size"] == shape["vocab_size"]:
+        K, s, source = st["unique"], st["shared"], f"measured on {bc.data_dir}"
+    else:
+        K, s, source = WEB_TEXT["unique"], WEB_TEXT["shared"], "web-text estimate (OFFLOAD_STEP_MODEL.md)"
+    n_stem = len(GPT(GPTConfig(**{**{k: v for k, v in shape.items() if k != "batch_size"}, "vocab_size": 8})).stem_layers)
+    W = n_stem * shape["ffn_hidden"]
+    rates, threads = host_rates(shape["vocab_size"], W, int(K), bc.steps, bc.host_threads)
+    res = dict(shape=shape, ids=dict(st, data_dir=bc.data_dir, used_unique=K, used_shared=s, source=source),
+               host_threads=threads, **rates)
+    res["host_update_vs_floor"] = rates["host_update_gbps"] / rates["fused_floor_gbps"]
+    rows = [dict(what=f"unique ids per step ({bc.data_dir}, {st['tokens_per_step']} tokens)",
+                 value=f"{st['unique']:.0f} (p95 {st['unique_p95']}), {st['shared']:.0%} shared with the previous step"),
+            dict(what=f"host gather ({K:.0f} rows x {W} floats of {shape['vocab_size']})", value=f"{rates['gather_gbps']:.2f} GB/s"),
+            dict(what=f"host lazy AdamW (RowAdamW, {threads} threads)", value=f"{rates['host_update_gbps']:.2f} GB/s"),
+            dict(what="floor: fused AdamW, one contiguous tensor", value=f"{rates['fused_floor_gbps']:.2f} GB/s"),
+            dict(what="host update / floor", value=f"{res['host_update_vs_floor']:.2f}"),
+            dict(what="host write-back scatter", value=f"{rates['scatter_gbps']:.2f} GB/s")]
+    link = 50.0  # GB/s, pinned PCIe Gen5 x16 as reported for H100 (STEM_NOTES.md); measured below on CUDA
+    if cuda:
+        big = 256 * 2**20
+        h = torch.empty(big // 4, pin_memory=True)
+        g = torch.empty(big // 4, device=device)
+        res["h2d_gbps"] = big / timed(lambda: g.copy_(h, non_blocking=True), device, 2, 10) / 1e9
+        res["d2h_gbps"] = big / timed(lambda: h.copy_(g, non_blocking=True), device, 2, 10) / 1e9
+        link = min(res["h2d_gbps"], res["d2h_gbps"])
+        rows.append(dict(what="pinned H2D / D2H", value=f"{res['h2d_gbps']:.1f} / {res['d2h_gbps']:.1f} GB/s"))
+    peak = peak_flops(bc, device) or PEAK_FLOPS["H200"]
+    for mfu in (0.5, 0.25):
+        pred, pred_here, inputs = step_model(shape, K, s, rates, link, bc.host_gbps, mfu, peak)
+        res.setdefault("predicted", []).append(dict(inputs, predicted_ratio=pred, predicted_ratio_this_host=pred_here))
+        rows.append(dict(what=f"PREDICTED offloaded/resident, MFU {mfu:.0%}",
+                         value=f"{pred:.3f} (host of {bc.host_gbps:.0f} GB/s); {pred_here:.3f} (this machine's host rates)"))
+    res["predicted_ratio"] = min(p["predicted_ratio"] for p in res["predicted"])
+    if cuda and bc.shape != "model":  # the real thing: resident-lazy and offloaded training at the shape
+        args = [f"--{k}={v}" for k, v in shape.items()] + [a for a in argv if a.startswith(("--data_dir", "--steps",
+                                                                                            "--burn_in", "--dtype"))]
+        runs = run_variants(args, ["stem-lazy", "stem-offload"], 1)
+        lazy, off = runs
+        mfu = [r["train_flops_per_token"] * r["tok_per_s"] / peak for r in runs]
+        res["measured"] = dict(resident_lazy=lazy, offloaded=off, ratio=off["tok_per_s"] / lazy["tok_per_s"],
+                               gpu_mem_saved_mib=lazy["peak_mem_mib"] - off["peak_mem_mib"], mfu=mfu)
+        rows += [dict(what="MEASURED offloaded/resident-lazy tok/s",
+                      value=f"{res['measured']['ratio']:.3f} ({off['tok_per_s']:,.0f} vs {lazy['tok_per_s']:,.0f})"),
+                 dict(what="MEASURED MFU resident-lazy / offloaded", value=f"{mfu[0]:.1%} / {mfu[1]:.1%} of {peak:.3g}"),
+                 dict(what="GPU memory: resident-lazy / offloaded (peak allocation)",
+                      value=f"{lazy['peak_mem_mib']:,.0f} / {off['peak_mem_mib']:,.0f} MiB "
+                            f"(saved {res['measured']['gpu_mem_saved_mib']:,.0f} MiB)")]
     table(rows, ["what", "value"])
+    print(f"# step model inputs (per step; K from {source}):")
+    for p in res["predicted"]:
+        print("#   " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items()))
+    print("# predicted, not measured: " + ("the MEASURED row is the real run" if "measured" in res else
+                                           "run on a CUDA machine for the measured ratio (gpu_check.sh)"))
     return res
 
 
@@ -450,7 +612,7 @@ def main(argv):
         elif bc.mode == "train":
             res = bench_train(bc, mc, device, argv)
         elif bc.mode == "offload":
-            res = bench_offload(bc, mc, device)
+            res = bench_offload(bc, mc, device, argv)
         else:
             res = bench_decode(bc, mc, device, ctx)
         res.update(device=note, torch=torch.__version__)

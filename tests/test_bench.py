@@ -20,14 +20,17 @@ def test_ffn_mode_json_shape():
     assert res["mode"] == "ffn" and len(res["ffn"]) == 2
     r = res["ffn"][1]
     assert (r["n_embd"], r["ffn_hidden"], r["tokens"]) == (32, 64, 32)
-    assert abs(r["time_ratio"] - r["stem_ms"] / r["swiglu_ms"]) < 1e-9 and r["flop_ratio"] == 2 / 3
+    assert abs(r["lazy_ratio"] - r["stem_lazy_ms"] / r["swiglu_ms"]) < 1e-9 and r["flop_ratio"] == 2 / 3
+    assert abs(r["dense_ratio"] - r["stem_dense_ms"] / r["swiglu_ms"]) < 1e-9
 
 
 def test_train_mode_runs_every_variant(facts):
-    res = last_json(run("bench.py", "--mode=train", f"--data_dir={facts}", "--peak_flops=1e12", *SMALL))
+    res = last_json(run("bench.py", "--mode=train", f"--data_dir={facts}", "--peak_flops=1e12", "--repeats=3", *SMALL))
     names = [r["variant"] for r in res["train"]]
     assert names == ["swiglu", "stem-dense", "stem-lazy", "stem-offload"]
     for r in res["train"]:
+        runs = r["tok_per_s_runs"]
+        assert len(runs) == 3 and runs == sorted(runs) and r["tok_per_s"] == runs[1]  # the median run
         assert r["tok_per_s"] > 0 and r["peak_mem_mib"] > 0
         assert abs(r["tok_per_s"] * r["step_ms"] / 1e3 - 4 * 32) < 1e-6
         assert abs(r["mfu"] - r["train_flops_per_token"] * r["tok_per_s"] / 1e12) < 1e-12
@@ -37,11 +40,18 @@ def test_train_mode_runs_every_variant(facts):
 
 
 def test_offload_and_decode_modes_on_cpu(facts, tmp_path):
-    p = run("bench.py", "--mode=offload", f"--data_dir={facts}", *SMALL)
-    assert "CUDA only" in p.stdout
+    p = run("bench.py", "--mode=offload", f"--data_dir={facts}", "--shape=model", *SMALL)
+    assert "PREDICTED" in p.stdout and "predicted, not measured" in p.stdout
     res = last_json(p)
-    assert res["unique"]["tokens_per_step"] == 4 * 32 and 0 < res["unique"]["unique_mean"] <= 128
-    assert res["n_stem"] == 1 and res["bytes_per_step"] == res["unique"]["unique_mean"] * 64 * 4
+    assert res["ids"]["tokens_per_step"] == 4 * 32 and 0 < res["ids"]["unique"] <= 128 and 0 <= res["ids"]["shared"] <= 1
+    assert res["ids"]["used_unique"] == res["ids"]["unique"]  # the data's vocabulary fits the shape: measured K
+    for k in ("gather_gbps", "host_update_gbps", "fused_floor_gbps", "scatter_gbps"):
+        assert res[k] > 0
+    assert res["host_update_vs_floor"] == res["host_update_gbps"] / res["fused_floor_gbps"]
+    pred = res["predicted"][0]
+    assert pred["n_stem"] == 1 and pred["row_floats"] == 64 and pred["tokens_per_step"] == 4 * 32
+    assert abs(pred["gpu_step_ms"] - pred["train_flops_per_token"] * 128 / (0.5 * pred["peak_flops"]) * 1e3) < 1e-9
+    assert 0 < res["predicted_ratio"] <= 1 and "measured" not in res
     res = last_json(run("bench.py", "--mode=decode", f"--data_dir={facts}", "--cache_sizes=4,64", "--decode_tokens=5",
                         f"--plot_dir={tmp_path}", *SMALL))
     assert [r["variant"] for r in res["decode"]] == ["resident", "offload", "offload"]
@@ -73,3 +83,26 @@ def test_bench_bad_arguments(tmp_path):
     assert_user_error(run("bench.py", "--mode=train", "--device=cpu", f"--data_dir={tmp_path}/none", ok=False),
                       "no prepared data")
     assert_user_error(run("bench.py", "--mode=ffn", "--shapes=12x", ok=False), "shapes")
+
+
+def test_step_model_against_hand_arithmetic():
+    import bench
+    shape = dict(n_layer=3, n_head=2, n_embd=64, ffn_hidden=128, vocab_size=1000, block_size=32, stem_layers="1,2",
+                 batch_size=4)
+    rates = dict(gather_gbps=8.0, host_update_gbps=2.0, scatter_gbps=4.0)
+    K, s, link, host, mfu, peak = 100, 0.4, 10.0, 20.0, 0.5, 1e12
+    pred, pred_here, inputs = bench.step_model(shape, K, s, rates, link, host, mfu, peak)
+    W, tokens = 2 * 128, 4 * 32
+    # forward FLOPs per token by hand: 2 per matmul weight (attention 4 d^2 per layer, FFN 3 d h for
+    # SwiGLU layers and 2 d h for STEM layers, the head V d) plus attention scores 4 L T d
+    d, h, L, T, V = 64, 128, 3, 32, 1000
+    fwd = 2 * (L * 4 * d * d + (3 * d * h) + 2 * (2 * d * h) + V * d) + 4 * L * T * d
+    t_gpu = 3 * fwd * tokens / (mfu * peak)
+    new, upd, wb, mv = K * 0.6, K * 0.36, K * 0.4 * 0.6, K * 0.6 * 0.4
+    t_here = ((new + 2 * mv) * W * 4 / 8e9 + upd * W * 4 / 2e9 + 3 * wb * W * 4 / 4e9)
+    t_server = (8 * (new + 2 * mv) * W + 28 * upd * W + 8 * 3 * wb * W) / 20e9
+    t_h2d, t_d2h = (new + 2 * mv) * W * 4 / 10e9, (upd + 3 * wb) * W * 4 / 10e9
+    t_dev = 28 * (K - upd) * W / 4.8e12 * 3
+    assert abs(inputs["gpu_step_ms"] - t_gpu * 1e3) < 1e-9
+    assert abs(pred - t_gpu / max(t_gpu + t_dev, t_server, t_h2d, t_d2h)) < 1e-12
+    assert abs(pred_here - t_gpu / max(t_gpu + t_dev, t_here, t_h2d, t_d2h)) < 1e-12
