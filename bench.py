@@ -151,7 +151,7 @@ def bench_ffn(bc, device, ctx):
             def step():
                 if lazy_rows:
                     uniq, inv = torch.unique(ids, return_inverse=True)
-                    leaf = layer.table[uniq].requires_grad_()  # (K, ffn)
+                    leaf = layer.table.index_select(0, uniq).requires_grad_()  # (K, ffn), as tables.py
                     with ctx:
                         y = layer(x, inv, leaf)
                 else:

@@ -158,7 +158,7 @@ class OffloadedTables(Tables):
         """Copy host rows src[rows] into plane `plane` of slot s's device buffer at `positions`
         (worker thread). On CUDA: gathered into pinned staging, then an asynchronous copy."""
         if not self.cuda:
-            s.dev[plane][positions] = src[rows]
+            s.dev[plane].index_copy_(0, positions, src.index_select(0, rows))
             return
         staging = s.stage[plane][:len(rows)]
         torch.index_select(src, 0, rows, out=staging)
@@ -335,7 +335,7 @@ class OffloadedTables(Tables):
         """(stem_ids, stem_tables) for ids (any shape), synchronously: the unique rows gathered and
         copied, and the inverse index into them."""
         uniq, inv = torch.unique(ids.cpu(), sorted=True, return_inverse=True)
-        rows = self.table[uniq].to(self.device)
+        rows = self.table.index_select(0, uniq).to(self.device)
         return inv.to(self.device), [rows[:, self.cols(l)] for l in range(self.n)]
 
     def prefetch_prompt(self, stem_ids, chunk):

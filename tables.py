@@ -86,7 +86,7 @@ class RowAdamW:
         hyper = (step, lr, betas, eps, weight_decay)
         if self.cuda:
             ids = ids.to(self.p.device)
-            p, m, v = self.p[ids], self.m[ids], self.v[ids]
+            p, m, v = (t.index_select(0, ids) for t in (self.p, self.m, self.v))
             adamw_([p], [g], [m], [v], *hyper)
             for t, rows in ((self.p, p), (self.m, m), (self.v, v)):
                 t.index_copy_(0, ids, rows)
@@ -188,7 +188,8 @@ class ResidentTables(Tables):
         if ids is None:
             return [(None, None)] * n_micro  # dense (or no STEM layers): the model looks its rows up itself
         uniq, inverses = ids
-        leaves = [t[uniq].requires_grad_() for t in self.tables]  # (K, ffn) per layer
+        # (K, ffn) per layer; index_select, not t[uniq]: advanced indexing is ~20x slower on the CPU
+        leaves = [t.index_select(0, uniq).requires_grad_() for t in self.tables]
         self.current = (uniq, leaves)
         return [(inv, leaves) for inv in inverses]
 
