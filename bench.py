@@ -245,9 +245,16 @@ def run_variants(argv, variants, repeats):
     """Each variant's training steps in a child process of its own (its peak memory is its own), the
     variants round-robin `repeats` times; per variant the run with the median tokens/s."""
     runs = {v: [] for v in variants}
+    args, rest = [], list(argv)
+    while rest:  # the parent's arguments, less the ones the child gets anew (--key=value or --key value)
+        a = rest.pop(0)
+        if a.split("=")[0] in ("--mode", "--variant", "--variants", "--repeats"):
+            if "=" not in a and rest:
+                rest.pop(0)
+            continue
+        args.append(a)
     for _ in range(repeats):
         for v in variants:
-            args = [a for a in argv if not a.startswith(("--variant", "--variants", "--mode"))]
             p = subprocess.run([sys.executable, os.path.abspath(__file__), "--mode=train", *args, f"--variant={v}"],
                                capture_output=True, text=True)
             if p.returncode != 0:

@@ -67,7 +67,7 @@ from typing import Any, Optional
 
 import torch
 
-from tables import RowAdamW, Tables, adamw_, clip_joint_norm_, to_device, unique_ids
+from tables import RowAdamW, Tables, _single_thread, adamw_, clip_joint_norm_, to_device, unique_ids
 
 
 class OffloadError(ValueError):
@@ -123,8 +123,10 @@ class OffloadedTables(Tables):
         model.to(self.device)
         self.train = train
         self.planes = 3 if train else 1
-        self.opt = RowAdamW(self.table, threads) if train else None  # its m, v: the host moments
-        self.worker = ThreadPoolExecutor(max_workers=1)  # host tasks run one at a time, in submission order
+        # without CUDA the host is the device, and the model's own threads already use every core:
+        # the host side then runs on one thread, rather than competing with them (oversubscription)
+        self.opt = RowAdamW(self.table, threads if self.cuda else 1) if train else None  # its m, v: the host moments
+        self.worker = ThreadPoolExecutor(max_workers=1, initializer=None if self.cuda else _single_thread)
         self.h2d = torch.cuda.Stream(self.device) if self.cuda else None
         self.d2h = torch.cuda.Stream(self.device) if self.cuda else None
         self.slots = [Slot(), Slot()]

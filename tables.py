@@ -161,7 +161,8 @@ class ResidentTables(Tables):
         if self.lazy:
             for t in self.tables:  # updated by RowAdamW through compact leaves, never by autograd
                 t.requires_grad_(False)
-            self.opts = [RowAdamW(t.data, threads) for t in self.tables]
+            # on the CPU the model's own threads already use every core: one update thread, not several
+            self.opts = [RowAdamW(t.data, threads or (None if t.is_cuda else 1)) for t in self.tables]
         else:  # the paper's second AdamW, over whole tables, so that they clip by their own norm
             self.opt = torch.optim.AdamW([dict(params=self.tables, lazy=False)], lr=0.0, betas=betas, eps=eps,
                                          weight_decay=weight_decay)
