@@ -25,7 +25,7 @@ def test_ffn_mode_json_shape():
 
 
 def test_train_mode_runs_every_variant(facts):
-    res = last_json(run("bench.py", "--mode=train", f"--data_dir={facts}", "--peak_flops=1e12", "--repeats=3", *SMALL))
+    res = last_json(run("bench.py", "--mode", "train", f"--data_dir={facts}", "--peak_flops=1e12", "--repeats", "3", *SMALL))
     names = [r["variant"] for r in res["train"]]
     assert names == ["swiglu", "stem-dense", "stem-lazy", "stem-offload"]
     for r in res["train"]:
