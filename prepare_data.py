@@ -1,4 +1,5 @@
-"""python prepare_data.py --dataset facts|shakespeare|text [--input FILE] [--tokenizer SPEC] [--out_dir DIR]
+"""python prepare_data.py --dataset facts|shakespeare|text [--input PATH ...] [--tokenizer SPEC] [--out_dir DIR]
+                          [--force]
 
 Turns text into the token files the training script reads: data/<name>/train.bin and val.bin
 (flat arrays of token ids, documents separated by <|endoftext|>), meta.json, and the tokenizer
@@ -10,24 +11,44 @@ Datasets:
                capital name is made a single token, and validation states the same facts in
                wordings never seen in training: a low val loss means recalled facts, not copied text.
   shakespeare  Tiny Shakespeare (downloaded, or --input FILE for a local copy)
-  text         any UTF-8 file given with --input FILE
+  text         UTF-8 text: --input FILE, several (--input a.txt --input b.txt), or a FOLDER (its
+               .txt files, subfolders included, in sorted order)
+Text corpora (shakespeare, text):
+  documents    each file is a document, and inside a file a line holding only <|endoftext|> also
+               ends one (the usual corpus-dump format; that line and the line breaks around it are
+               dropped, and so are empty documents). <|endoftext|> anywhere else is ordinary text.
+               Each document is encoded whole and followed by the <|endoftext|> token.
+  validation   whole documents: every 1/val_fraction-th (0.1: the 10th, 20th, ...). A corpus that
+               is one document (one file without such lines, e.g. Tiny Shakespeare) is split by
+               characters instead: its last val_fraction is validation, no <|endoftext|> added.
+  streaming    files are read a block at a time, long documents are handed on in pieces cut where
+               the tokens cannot change, and all cores encode: memory stays bounded whatever the
+               size of the corpus. bpe:N trains on the first 10 MB of training text (and says so).
 Tokenizers (--tokenizer):
   bpe:N        byte-level BPE with N ids (256 bytes + merges + <|endoftext|>), trained here on the
                training split with GPT-2's pre-tokenizer (default: bpe:8192, or a small N for facts)
   gpt2         GPT-2's own tokenizer via tiktoken (downloads it once)
   PATH.tiktoken  ranks from a local tiktoken file, e.g. GPT-2's r50k_base.tiktoken
+Output: files are written under temporary names and renamed into place when complete, meta.json
+last. meta.json records the inputs and a fingerprint of the data. A folder prepared from other
+inputs is never replaced silently: that is an error unless --force; the same inputs do nothing.
 """
 import argparse
 import base64
+import contextlib
+import hashlib
 import heapq
+import io
 import json
 import math
+import multiprocessing
+import multiprocessing.pool
 import os
 import random
 import sys
 import time
 import urllib.request
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 
 import numpy as np
 import regex
@@ -156,10 +177,14 @@ def bpe_encode_reference(text, ranks):
     return ids
 
 
-def save_tiktoken(ranks, path):
+def tiktoken_bytes(ranks):
     # tiktoken's file format: one "base64(token bytes) rank" line per token, in rank order
     by_rank = sorted(ranks.items(), key=lambda kv: kv[1])
-    _write_atomic(path, "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in by_rank).encode())
+    return "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in by_rank).encode()
+
+
+def save_tiktoken(ranks, path):
+    _write_atomic(path, tiktoken_bytes(ranks))
 
 
 def load_ranks(path):
@@ -291,6 +316,251 @@ def make_facts(num_entities, seed):
     return {"entities": entities, "train_docs": train_docs, "val_docs": val_docs, "probes": probes, "chance": chance}
 
 
+# ----------------------------------------------------------------------------- reading a corpus
+
+# A line holding only <|endoftext|> ends a document. The line break before it and the one after it go
+# with it, so that "\n<|endoftext|>\n".join(documents) reads back as exactly those documents.
+SEPARATOR = regex.compile(r"\n?^<\|endoftext\|>$\n?", regex.MULTILINE)
+READ_CHARS = 1 << 20  # characters read at a time, and about the longest piece of a document handed on
+BATCH_BYTES = 1 << 20  # text per encoding task: large enough to hide the per-task cost, small enough for flat memory
+BPE_SAMPLE_BYTES = 10 << 20  # bpe:N on a text corpus trains on at most this much of its training text
+PARALLEL_MIN_BYTES = 16 << 20  # smaller corpora are encoded without worker processes
+FORMAT = 2  # recorded with the inputs; raise it when the same inputs would give other token ids
+
+
+def _safe_cut(text, end):
+    """The last position p in 1..end-1 where text can be cut into text[:p] and text[p:] so that the
+    two encode to exactly the tokens of the whole (0 if there is none): just before a line break or
+    a space that follows a non-space character.
+
+    Why that is safe: GPT-2's pre-tokenizer never puts a non-space character and a following space
+    into one piece (a piece may only start with a space), so p is a piece boundary whatever follows,
+    and the pieces before p are found the same way without the rest: only whitespace patterns look
+    ahead (\\s++$, \\s+(?!\\S)) and the character before p is not whitespace. BPE never merges across
+    pieces. (str.isspace is true for every character that \\s matches, so the test errs on the safe side.)
+    """
+    best = 0
+    for ch in "\n ":
+        p = text.rfind(ch, 1, end)
+        while p > 0 and text[p - 1].isspace():
+            p = text.rfind(ch, 1, p)
+        best = max(best, p)
+    return best
+
+
+def _read_pieces(f):
+    """The documents of an open text file as (text, ends_document) pieces, read READ_CHARS at a time.
+
+    A document is handed on whole, or if it is longer than READ_CHARS, in pieces cut by _safe_cut,
+    so memory stays at a few blocks whatever the sizes of the file and its documents (except for a
+    document without a single space or line break, which is read whole). Empty documents are dropped.
+    """
+    buf, started, eof = "", False, False  # started: part of the current document was handed on
+    while not eof:
+        block = f.read(READ_CHARS)
+        eof = not block
+        buf += block
+        start = 0
+        for m in SEPARATOR.finditer(buf):
+            if m.end() == len(buf) and not eof:
+                break  # the line may go on in the next block: decide then
+            if m.start() > start or started:
+                yield buf[start:m.start()], True
+            start, started = m.end(), False
+        buf = buf[start:]  # starts a line, or (after a cut) with a space: SEPARATOR's ^ stays right
+        if eof:
+            if buf or started:
+                yield buf, True
+        elif len(buf) > READ_CHARS:
+            # a long document: hand on what is safe, keeping the last characters, which may be the
+            # beginning of a separator line
+            cut = _safe_cut(buf, len(buf) - len("\n<|endoftext|>\n"))
+            if cut:
+                yield buf[:cut], False
+                buf, started = buf[cut:], True
+
+
+def _open(source):
+    # a path, or text already in memory (the downloaded Tiny Shakespeare)
+    if isinstance(source, io.StringIO):
+        source.seek(0)
+        return contextlib.nullcontext(source)
+    return open(source, encoding="utf-8")
+
+
+def _file_pieces(source):
+    try:
+        with _open(source) as f:
+            yield from _read_pieces(f)
+    except UnicodeDecodeError:
+        raise DataError(f"--input {source} is not UTF-8 text; convert it to UTF-8 first") from None
+    except OSError as e:
+        raise DataError(f"cannot read --input {source} ({e.strerror or e}); pass an existing text file") from None
+
+
+def _is_val(i, val_fraction):
+    # every 1/val_fraction-th document (0.1: the 10th, 20th, ...): spread evenly over the corpus,
+    # and exactly floor(n * val_fraction) of n documents
+    return math.floor((i + 1) * val_fraction) > math.floor(i * val_fraction)
+
+
+def _single_document_chars(sources):
+    """The corpus's length in characters if it is one document (one file, no separator line), else None."""
+    if len(sources) != 1:
+        return None
+    chars = docs = 0
+    for text, ends in _file_pieces(sources[0]):
+        chars += len(text)
+        docs += ends
+        if docs > 1:
+            return None
+    return chars
+
+
+def _text_pieces(sources, val_fraction, single_chars):
+    """The corpus as (split, text, eot) pieces, in order; eot: a document ends here and gets <|endoftext|>."""
+    if single_chars is not None:
+        # One document (e.g. Tiny Shakespeare) cannot be split by documents: as before, its last
+        # val_fraction of characters is validation, each part encoded on its own, no <|endoftext|>.
+        cut, pos = int(single_chars * (1 - val_fraction)), 0
+        for text, _ in _file_pieces(sources[0]):
+            if pos < cut:
+                yield "train", text[:cut - pos], False
+            if pos + len(text) > cut:
+                yield "val", text[max(cut - pos, 0):], False
+            pos += len(text)
+        return
+    i = 0
+    for source in sources:
+        for text, ends in _file_pieces(source):
+            yield ("val" if _is_val(i, val_fraction) else "train"), text, ends
+            i += ends
+
+
+def _nbytes(text):
+    return len(text) if text.isascii() else len(text.encode("utf-8"))  # isascii is O(1) on str
+
+
+def _bpe_sample(pieces):
+    """The first BPE_SAMPLE_BYTES of training text (documents each followed by a line break), and
+    whether that is all of it."""
+    parts, size = [], 0
+    for split, text, eot in pieces:
+        if split != "train":
+            continue
+        if size >= BPE_SAMPLE_BYTES:
+            return "".join(parts), False
+        parts.append(text + "\n" if eot else text)
+        size += _nbytes(text)
+    return "".join(parts), True
+
+
+def _input_files(inputs):
+    """The files that --input names, in order; a folder stands for its .txt files (sorted, subfolders too)."""
+    files = []
+    for path in inputs:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names if n.endswith(".txt"))
+            if not found:
+                raise DataError(f"--input {path} is a folder without .txt files; pass text files or a folder of them")
+            files += found
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise DataError(f"cannot read --input {path} (no such file or folder); pass an existing text file")
+    return files
+
+
+# ----------------------------------------------------------------------------- encoding, on all cores
+
+def _encode_pieces(pieces, dtype):
+    """The token ids of consecutive (text, eot) pieces of one split, encoded with _worker_enc."""
+    # The pieces are joined with the <|endoftext|> text between documents and encoded in one call that
+    # takes it as the special token: tiktoken encodes the text between special tokens on its own, so
+    # every document gets the ids of encoding it alone. A document holding "<|endoftext|>" as text is
+    # encoded apart, as ordinary text (the literal cannot straddle two pieces: cuts are before spaces).
+    enc, out, run = _worker_enc, [], []
+
+    def flush():
+        if run:
+            out.append(enc.encode_to_numpy("".join(run), allowed_special={EOT}))
+            run.clear()
+
+    for text, eot in pieces:
+        if EOT in text:
+            flush()
+            out.append(np.array(enc.encode_ordinary(text) + [enc.eot_token] * eot, dtype=np.uint32))
+        else:
+            run.append(text)
+            if eot:
+                run.append(EOT)
+    flush()
+    return np.concatenate(out).astype(dtype) if out else np.zeros(0, dtype)
+
+
+_worker_enc = None  # the encoding, in each worker process (or in this process, for a small corpus)
+
+
+def _init_worker(ranks):
+    global _worker_enc
+    _worker_enc = make_encoding(ranks)
+
+
+def _write_ids(ranks, pieces, paths, dtype, total_bytes, progress):
+    """Encodes the (split, text, eot) pieces on all cores and appends each split's ids to paths[split],
+    in order. Returns the tokens and documents of each split."""
+    # Worker processes, not threads: tiktoken does release the GIL, but on a 2-core machine two threads
+    # reached 10.9 MB/s and two processes 13-16 MB/s (301 MB of text, GPT-2's tokenizer). They are
+    # forked on Linux (fast, and a caller's unguarded script is not run again as with spawn), before
+    # the progress bar starts its thread. A small corpus is encoded by one thread: starting processes
+    # would cost more than it saves.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = cores if total_bytes >= PARALLEL_MIN_BYTES else 1
+    if workers > 1:
+        ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(ranks,))
+    else:
+        pool = multiprocessing.pool.ThreadPool(1, initializer=_init_worker, initargs=(ranks,))
+    tokens, docs = {"train": 0, "val": 0}, {"train": 0, "val": 0}
+    batch, batch_bytes = {"train": [], "val": []}, {"train": 0, "val": 0}
+    in_flight = deque()  # (split, result, bytes) in the order the ids must be written
+    t0 = time.time()
+    with pool, open(paths["train"], "wb") as ftrain, open(paths["val"], "wb") as fval, \
+            tqdm(total=total_bytes, desc="tokenizing", unit="B", unit_scale=True, disable=not progress) as bar:
+        files = {"train": ftrain, "val": fval}
+
+        def write_oldest():
+            split, result, nbytes = in_flight.popleft()
+            ids = result.get()
+            files[split].write(memoryview(ids))
+            tokens[split] += len(ids)
+            bar.update(nbytes)
+
+        def submit(split):
+            in_flight.append((split, pool.apply_async(_encode_pieces, (batch[split], dtype)), batch_bytes[split]))
+            batch[split], batch_bytes[split] = [], 0
+            if len(in_flight) > 2 * workers:  # bounded: a few batches of text and ids in memory at once
+                write_oldest()
+
+        for split, text, eot in pieces:
+            batch[split].append((text, eot))
+            batch_bytes[split] += _nbytes(text)
+            docs[split] += eot
+            if batch_bytes[split] >= BATCH_BYTES:
+                submit(split)
+        for split in batch:
+            if batch[split]:
+                submit(split)
+        while in_flight:
+            write_oldest()
+        bar.update(max(total_bytes - bar.n, 0))  # the separator lines (and \r of \r\n) were read too
+    dt = time.time() - t0
+    if progress:
+        print(f"tokenized {total_bytes / 1e6:,.1f} MB in {dt:.1f} s: {total_bytes / 1e6 / max(dt, 1e-9):.1f} MB/s "
+              f"({workers} worker{'s' if workers > 1 else ''})")
+    return tokens, docs
+
+
 # ----------------------------------------------------------------------------- the whole job
 
 def _write_atomic(path, data):
@@ -299,16 +569,6 @@ def _write_atomic(path, data):
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
-
-
-def _read_text(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except UnicodeDecodeError:
-        raise DataError(f"--input {path} is not UTF-8 text; convert it to UTF-8 first") from None
-    except OSError as e:
-        raise DataError(f"cannot read --input {path} ({e.strerror or e}); pass an existing text file") from None
 
 
 def _parse_tokenizer_spec(spec):
@@ -343,30 +603,92 @@ def _build_ranks(spec, train_text, progress):
     return ranks
 
 
-def _chunks(text, size=1 << 16):
-    # Cut the text for the progress bar only where the pre-tokenizer cuts too, and never right after
-    # whitespace (the split pattern treats whitespace at the end of a string specially), so
-    # encoding chunk by chunk gives exactly the tokens of encoding the whole text at once.
-    start = 0
-    for m in regex.finditer(GPT2_SPLIT_PATTERN, text):
-        if m.start() - start >= size and not text[m.start() - 1].isspace():
-            yield text[start:m.start()]
-            start = m.start()
-    yield text[start:]
+def _working_facts_vocab(train_text, names, n, num_entities):
+    """The smallest multiple of 128 above n with which every name is one token (None if none is found)."""
+    # BPE training is greedy, so the vocabulary of size N is the first N-1 ranks of a larger one:
+    # train one large vocabulary and try its prefixes.
+    with contextlib.redirect_stdout(io.StringIO()):  # (it may stop early, and would say so)
+        big = train_bpe(train_text, 2 * max(n, default_facts_vocab(num_entities)), progress=False)
+    for size in range(128 * (n // 128 + 1), len(big) + 2, 128):
+        enc = make_encoding({b: r for b, r in big.items() if r < size - 1})
+        if all(len(enc.encode_ordinary(" " + s)) == 1 for s in names):
+            return size
+    return None
+
+
+def _sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def _inputs_record(dataset, tokenizer, inputs, files, num_entities, seed, val_fraction):
+    """What the data is made from, as meta.json records it: a folder is only replaced silently by
+    data made from the same record."""
+    record = {"format": FORMAT, "dataset": dataset}
+    if dataset == "facts":
+        record.update(entities=num_entities, seed=seed)
+    elif files is None:
+        record.update(input=[SHAKESPEARE_URL], val_fraction=val_fraction)
+    else:
+        # files by path, size and modification time (as make does): instant, where hashing a large
+        # corpus would not be; a tokenizer file by its content, as it is small
+        h = hashlib.sha256()
+        for path in files:
+            st = os.stat(path)
+            h.update(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        record.update(input=[os.path.abspath(p) for p in inputs], files=len(files),
+                      bytes=sum(os.path.getsize(p) for p in files), files_sha256=h.hexdigest()[:16],
+                      val_fraction=val_fraction)
+    if tokenizer.endswith(".tiktoken"):
+        with open(tokenizer, "rb") as f:
+            record["tokenizer"] = "file sha256:" + _sha256(f.read())[:16]
+    else:
+        record["tokenizer"] = tokenizer
+    return record
+
+
+def _already_prepared(out_dir, record, force):
+    """True if out_dir holds intact data made from `record`. Data made from anything else is an error,
+    unless force (then it is replaced)."""
+    path = os.path.join(out_dir, "meta.json")
+    if force or not os.path.exists(path):
+        return False
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        old = meta["inputs"]
+    except (OSError, ValueError, TypeError, KeyError):
+        meta, old = None, None
+    if old == record:
+        try:
+            itemsize = np.dtype(meta["dtype"]).itemsize
+            with open(os.path.join(out_dir, meta["tokenizer"]["file"]), "rb") as f:
+                return (_sha256(f.read()) == meta["tokenizer_sha256"]
+                        and os.path.getsize(os.path.join(out_dir, "train.bin")) == meta["train_tokens"] * itemsize
+                        and os.path.getsize(os.path.join(out_dir, "val.bin")) == meta["val_tokens"] * itemsize)
+        except (OSError, KeyError, TypeError):
+            return False  # same inputs, damaged files: preparing again makes what was meant to be there
+    if old is None:
+        why = "its meta.json records no inputs: an older prepare_data.py made it, or it is damaged"
+    else:
+        keys = [k for k in sorted(set(old) | set(record)) if old.get(k) != record.get(k)]
+        why = "; ".join("the input files' sizes or modification times differ" if k == "files_sha256" else
+                        f"{k} {json.dumps(old.get(k))[:60]} there, {json.dumps(record.get(k))[:60]} now" for k in keys)
+    raise DataError(f"{out_dir} holds data prepared from other inputs ({why}); pass --out_dir=OTHER to keep it, "
+                    "or --force to replace it")
 
 
 def prepare(dataset="facts", input=None, tokenizer=None, out_dir=None, seed=1337, entities=None,
-            val_fraction=0.1, progress=True):
-    # 1. the text, split into training and validation documents
-    facts = None
+            val_fraction=0.1, progress=True, force=False):
+    """Prepares out_dir (default data/<name>) and returns it. input: a path or a list of paths."""
+    # 1. what the data is made from, checked before anything is read or written
+    inputs = [input] if isinstance(input, str) else list(input or [])
+    files = num = None
     if dataset == "facts":
-        if input is not None:
+        if inputs:
             raise DataError("--input is not used by --dataset facts (the facts are generated); drop it")
         num = DEFAULT_ENTITIES if entities is None else entities
         if not 1 <= num <= 5000:
             raise DataError(f"--entities {num} is out of range; use 1 to 5000")
-        facts = make_facts(num, seed)
-        train_docs, val_docs = facts["train_docs"], facts["val_docs"]
         name, tokenizer = "facts", tokenizer or f"bpe:{default_facts_vocab(num)}"
     elif dataset in ("shakespeare", "text"):
         if entities is not None:
@@ -374,33 +696,57 @@ def prepare(dataset="facts", input=None, tokenizer=None, out_dir=None, seed=1337
         if not 0 < val_fraction < 1:
             raise DataError(f"--val_fraction {val_fraction} must be between 0 and 1, e.g. 0.1")
         tokenizer = tokenizer or "bpe:8192"
-        _parse_tokenizer_spec(tokenizer)  # fail on a bad spec before a download
-        if input is not None:
-            text = _read_text(input)
+        if inputs:
+            files = _input_files(inputs)
         elif dataset == "text":
-            raise DataError("--dataset text needs --input FILE (a UTF-8 text file)")
-        else:
+            raise DataError("--dataset text needs --input FILE or FOLDER (UTF-8 text)")
+        name = "shakespeare" if dataset == "shakespeare" else \
+            os.path.splitext(os.path.basename(os.path.normpath(inputs[0])))[0]
+    else:
+        raise DataError(f"unknown --dataset {dataset}; use facts, shakespeare or text")
+    _parse_tokenizer_spec(tokenizer)  # fail on a bad spec before a download
+    record = _inputs_record(dataset, tokenizer, inputs, files, num, seed, val_fraction)
+    out_dir = out_dir or os.path.join("data", name)
+    if _already_prepared(out_dir, record, force):
+        print(f"{out_dir} is already prepared from these inputs; nothing to do (--force prepares it again)")
+        return out_dir
+
+    # 2. the documents, as (split, text, eot) pieces, and the text the tokenizer trains on
+    facts = None
+    if dataset == "facts":
+        facts = make_facts(num, seed)
+        pieces = [("train", d, True) for d in facts["train_docs"]] + [("val", d, True) for d in facts["val_docs"]]
+        total_bytes = sum(_nbytes(d) for _, d, _ in pieces)
+        sample = "\n".join(facts["train_docs"])  # all of it: every name must be seen (E <= 5000: < 30 MB)
+    else:
+        if files is None:
             try:
                 print(f"downloading {SHAKESPEARE_URL}")
                 with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as r:
-                    text = r.read().decode("utf-8")
+                    sources = [io.StringIO(r.read().decode("utf-8"))]
             except Exception as e:
                 raise DataError(f"could not download Tiny Shakespeare ({e}); download input.txt yourself "
                                 f"from {SHAKESPEARE_URL} and pass --input FILE") from None
-        name = "shakespeare" if dataset == "shakespeare" else os.path.splitext(os.path.basename(input))[0]
-        cut = int(len(text) * (1 - val_fraction))  # the last part of the text is validation
-        if cut == 0 or cut == len(text) or not text[:cut].strip() or not text[cut:].strip():
-            raise DataError(f"the input ({len(text)} characters) is too short to split into train and val; "
+            total_bytes = len(sources[0].getvalue().encode())
+        else:
+            sources, total_bytes = files, sum(os.path.getsize(p) for p in files)
+        single = _single_document_chars(sources)
+        if single is not None and int(single * (1 - val_fraction)) in (0, single):
+            raise DataError(f"the input ({single} characters) is too short to split into train and val; "
                             "use a larger file")
-        train_docs, val_docs = [text[:cut]], [text[cut:]]
-    else:
-        raise DataError(f"unknown --dataset {dataset}; use facts, shakespeare or text")
-    out_dir = out_dir or os.path.join("data", name)
+        pieces = _text_pieces(sources, val_fraction, single)
+        sample = ""
+        if tokenizer.startswith("bpe:"):
+            sample, complete = _bpe_sample(_text_pieces(sources, val_fraction, single))
+            if not complete:
+                print(f"bpe: training on a sample, the first {_nbytes(sample) / 1e6:.1f} MB of the training text "
+                      f"(of about {total_bytes * (1 - val_fraction) / 1e6:,.0f} MB)")
 
-    # 2. the tokenizer, trained (for bpe:N) on the training split only
+    # 3. the tokenizer, trained (for bpe:N) on training text only
     t0 = time.time()
-    ranks = _build_ranks(tokenizer, "\n".join(train_docs), progress)
+    ranks = _build_ranks(tokenizer, sample, progress)
     bpe_seconds = time.time() - t0 if tokenizer.startswith("bpe:") else None
+    del sample
     enc = make_encoding(ranks)
     if facts is not None:
         names = [e["name"] for e in facts["entities"]]
@@ -410,51 +756,70 @@ def prepare(dataset="facts", input=None, tokenizer=None, out_dir=None, seed=1337
         print(f"entity names single-token: {n_names}/{len(names)}, capitals: {n_caps}/{len(capitals)}")
         if n_names < len(names) or n_caps < len(capitals):
             kind, n = _parse_tokenizer_spec(tokenizer)
-            fix = f"bpe:{n + 512}" if kind == "bpe" else f"bpe:{default_facts_vocab(len(names))}"
-            raise DataError(f"with --tokenizer {tokenizer} some names are split into several tokens; "
-                            f"raise N in --tokenizer bpe:N (e.g. --tokenizer {fix})")
-
-    # 3. token ids. facts: short documents, each ended by <|endoftext|> so that they never run into
-    # each other; shakespeare/text: one long document, encoded in chunks only for the progress bar
-    def encode(docs, split):
-        pieces = docs if facts is not None else list(_chunks(docs[0]))
-        ids = []
-        for piece in tqdm(pieces, desc=f"tokenizing {split}", disable=not progress):
-            ids.extend(enc.encode_ordinary(piece))
-            if facts is not None:
-                ids.append(enc.eot_token)
-        return ids
-
-    train_ids, val_ids = encode(train_docs, "train"), encode(val_docs, "val")
+            fix = _working_facts_vocab("\n".join(facts["train_docs"]), names + capitals,
+                                       n if kind == "bpe" else 256, num)
+            raise DataError(f"with --tokenizer {tokenizer} some names are split into several tokens; raise N in "
+                            f"--tokenizer bpe:N" + (f" (--tokenizer bpe:{fix} works)" if fix else ""))
     vocab_size = enc.n_vocab
     dtype = np.uint16 if vocab_size <= 65536 else np.uint32
+    tokenizer_bytes = tiktoken_bytes(ranks)
 
-    # 4. write everything (each file to a temporary name first, then renamed into place)
-    meta = {"dataset": dataset, "tokenizer": {"spec": tokenizer, "file": "tokenizer.tiktoken"},
-            "vocab_size": vocab_size, "eot_id": enc.eot_token, "train_tokens": len(train_ids),
-            "val_tokens": len(val_ids), "dtype": np.dtype(dtype).name, "seed": seed, "bpe_seconds": bpe_seconds}
+    # 4. token ids, streamed into temporary files; then everything is renamed into place, meta.json
+    # last, so that a crash never leaves a half-prepared folder under the real names
+    names = ["train.bin", "val.bin", "tokenizer.tiktoken"] + (["facts.json"] if facts else [])
+    tmp = {n: os.path.join(out_dir, n + ".tmp") for n in names}
+    made_dir = not os.path.isdir(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
-        _write_atomic(os.path.join(out_dir, "train.bin"), np.array(train_ids, dtype=dtype).tobytes())
-        _write_atomic(os.path.join(out_dir, "val.bin"), np.array(val_ids, dtype=dtype).tobytes())
-        save_tiktoken(ranks, os.path.join(out_dir, "tokenizer.tiktoken"))
-        facts_path = os.path.join(out_dir, "facts.json")
+        tokens, docs = _write_ids(ranks, pieces, {"train": tmp["train.bin"], "val": tmp["val.bin"]}, dtype,
+                                  total_bytes, progress)
+        for split, other in [("val", "train"), ("train", "val")]:
+            if tokens[split] == 0:
+                raise DataError(f"no {split} text: the corpus has {docs[other]} documents and every "
+                                f"{1 / val_fraction:.3g}th is validation (--val_fraction {val_fraction}); "
+                                "pass more documents or another --val_fraction")
+        with open(tmp["tokenizer.tiktoken"], "wb") as f:
+            f.write(tokenizer_bytes)
         if facts is not None:
             facts_json = {"seed": seed, "num_entities": len(facts["entities"]), "entities": facts["entities"],
                           "probes": facts["probes"], "chance": facts["chance"],
                           "train_templates": TRAIN_TEMPLATES, "val_templates": VAL_TEMPLATES}
-            _write_atomic(facts_path, json.dumps(facts_json, indent=1).encode())
-        elif os.path.exists(facts_path):
-            os.remove(facts_path)  # left over from an earlier facts run into this folder
+            with open(tmp["facts.json"], "wb") as f:
+                f.write(json.dumps(facts_json, indent=1).encode())
+        itemsize = np.dtype(dtype).itemsize
+        # what checkpoints can record to name their data: the tokenizer, the ids' sizes and the inputs
+        fingerprint = _sha256(tokenizer_bytes + json.dumps(
+            {"inputs": record, "train_bytes": tokens["train"] * itemsize, "val_bytes": tokens["val"] * itemsize},
+            sort_keys=True).encode())[:16]
+        meta = {"dataset": dataset, "tokenizer": {"spec": tokenizer, "file": "tokenizer.tiktoken"},
+                "vocab_size": vocab_size, "eot_id": enc.eot_token, "train_tokens": tokens["train"],
+                "val_tokens": tokens["val"], "dtype": np.dtype(dtype).name, "seed": seed, "bpe_seconds": bpe_seconds,
+                "inputs": record, "tokenizer_sha256": _sha256(tokenizer_bytes), "fingerprint": fingerprint}
+        # the old meta.json goes first: an interrupted swap leaves a folder that says it is not prepared
+        for stale in ["meta.json"] + ([] if facts else ["facts.json"]):  # (facts.json of an earlier facts run)
+            if os.path.exists(os.path.join(out_dir, stale)):
+                os.remove(os.path.join(out_dir, stale))
+        for n in names:
+            os.replace(tmp[n], os.path.join(out_dir, n))
         _write_atomic(os.path.join(out_dir, "meta.json"), json.dumps(meta, indent=2).encode())
-    except OSError as e:
-        raise DataError(f"cannot write to {out_dir} ({e.strerror or e}); choose another --out_dir") from None
+    except BaseException as e:
+        for path in tmp.values():
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        if made_dir:
+            with contextlib.suppress(OSError):
+                os.rmdir(out_dir)  # only if empty
+        if isinstance(e, OSError):
+            raise DataError(f"cannot write to {out_dir} ({e.strerror or e}); choose another --out_dir") from None
+        raise
 
     bpe_time = f"{bpe_seconds:.2f} s" if bpe_seconds is not None else "none (pretrained)"
     print(f"dataset: {dataset}" + (f" ({len(facts['entities'])} entities)" if facts else ""))
     print(f"tokenizer: {tokenizer}, vocab size {vocab_size} (eot id {enc.eot_token}), BPE training {bpe_time}")
-    print(f"tokens: {len(train_ids):,} train, {len(val_ids):,} val ({meta['dtype']})")
-    print(f"wrote {out_dir}")
+    if facts is None and single is None:
+        print(f"documents: {docs['train']:,} train, {docs['val']:,} val (every {1 / val_fraction:.3g}th)")
+    print(f"tokens: {tokens['train']:,} train, {tokens['val']:,} val ({meta['dtype']})")
+    print(f"wrote {out_dir} (fingerprint {fingerprint})")
     return out_dir
 
 
@@ -466,15 +831,21 @@ class _Parser(argparse.ArgumentParser):
 def main(argv=None):
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="facts", choices=["facts", "shakespeare", "text"])
-    p.add_argument("--input", help="local text file (shakespeare: a local copy; text: required)")
+    p.add_argument("--input", action="append",
+                   help="a text file or a folder of .txt files, repeated for several "
+                        "(text: required; shakespeare: a local copy)")
     p.add_argument("--tokenizer", help="bpe:N, gpt2 or PATH.tiktoken (default: bpe:8192; small N for facts)")
     p.add_argument("--out_dir", help="default data/<name>")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=int, default=1337, help="facts: the world's seed")
     p.add_argument("--entities", type=int, help=f"facts: number of countries (default {DEFAULT_ENTITIES})")
-    p.add_argument("--val_fraction", type=float, default=0.1, help="shakespeare/text: last fraction is validation")
+    p.add_argument("--val_fraction", type=float, default=0.1,
+                   help="shakespeare/text: every 1/val_fraction-th document is validation "
+                        "(a single document: its last part)")
+    p.add_argument("--force", action="store_true", help="replace out_dir even if it holds data made from other inputs")
     args = p.parse_args(argv)
     try:
-        prepare(args.dataset, args.input, args.tokenizer, args.out_dir, args.seed, args.entities, args.val_fraction)
+        prepare(args.dataset, args.input, args.tokenizer, args.out_dir, args.seed, args.entities, args.val_fraction,
+                force=args.force)
     except DataError as e:
         die(str(e))
 

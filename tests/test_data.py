@@ -1,4 +1,5 @@
 """Tests for prepare_data.py: python -m pytest -q tests/test_data.py"""
+import io
 import json
 import os
 import random
@@ -258,26 +259,34 @@ def test_prepare_text_dataset(tmp_path):
     assert train == enc.encode_ordinary(text[:cut])
 
 
+def read_pieces(text, read_chars, monkeypatch):
+    monkeypatch.setattr(P, "READ_CHARS", read_chars)
+    return list(P._read_pieces(io.StringIO(text)))
+
+
 @pytest.mark.skipif(not (SHARED / "tinyshakespeare.txt").exists(), reason="no local Tiny Shakespeare")
-def test_chunked_encoding_equals_whole_on_shakespeare(small_ranks):
+def test_pieces_encode_like_the_whole_on_shakespeare(small_ranks, monkeypatch):
+    # one long document, read in blocks and handed on in pieces: the pieces' tokens are the whole's
     text = (SHARED / "tinyshakespeare.txt").read_text(encoding="utf-8")
     enc = P.make_encoding(small_ranks)
-    chunks = list(P._chunks(text, size=4096))
-    assert len(chunks) > 100 and "".join(chunks) == text
-    assert [i for c in chunks for i in enc.encode_ordinary(c)] == enc.encode_ordinary(text)
+    pieces = read_pieces(text, 4096, monkeypatch)
+    assert len(pieces) > 100 and "".join(t for t, _ in pieces) == text
+    assert [ends for _, ends in pieces] == [False] * (len(pieces) - 1) + [True]
+    assert max(len(t) for t, _ in pieces) <= 2 * 4096  # bounded, whatever the document's length
+    assert [i for t, _ in pieces for i in enc.encode_ordinary(t)] == enc.encode_ordinary(text)
 
 
-def test_chunked_encoding_equals_whole_on_whitespace():
+def test_pieces_encode_like_the_whole_on_whitespace(monkeypatch):
     # whitespace at the very end of a string is pre-tokenized differently ("  \n" is one piece there,
-    # "  " + "\n" before a word), so chunks must never end in whitespace
+    # "  " + "\n" before a word), so pieces must never end in whitespace
     rng = random.Random(0)
     text = "".join(rng.choice(["word", " x", "  ", "\n", "\n\n", " \t", "!", "'s"]) for _ in range(3000))
     enc = P.make_encoding(P.train_bpe(text, 300, progress=False))  # merges whitespace runs too
     assert len(enc.encode_ordinary("  \n")) == 1
     for size in [1, 3, 10]:
-        chunks = list(P._chunks(text, size=size))
-        assert "".join(chunks) == text
-        assert [i for c in chunks for i in enc.encode_ordinary(c)] == enc.encode_ordinary(text)
+        pieces = [t for t, _ in read_pieces(text, size, monkeypatch)]
+        assert len(pieces) > 100 and "".join(pieces) == text
+        assert [i for c in pieces for i in enc.encode_ordinary(c)] == enc.encode_ordinary(text)
 
 
 def run_cli(*args):

@@ -1,0 +1,268 @@
+"""Tests for prepare_data.py on text corpora: several files and folders, documents, streaming, the
+validation split, and never replacing a prepared folder silently. python -m pytest -q tests/test_prepare_corpus.py"""
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import prepare_data as P  # noqa: E402
+
+R50K = ROOT.parent / "shared" / "data" / "r50k_base.tiktoken"  # offline copy; absent on a user's machine
+EOT = "<|endoftext|>"
+
+
+def reference_documents(path):
+    """The document rule, written plainly: a line that is exactly <|endoftext|> ends a document (the
+    line breaks around it go with it); empty documents are dropped."""
+    docs, lines = [], []
+    for line in Path(path).read_text(encoding="utf-8").split("\n"):
+        if line == EOT:
+            docs.append("\n".join(lines))
+            lines = []
+        else:
+            lines.append(line)
+    docs.append("\n".join(lines))
+    return [d for d in docs if d]
+
+
+def reference_ids(files, enc, every):
+    """Each document encoded at once, in one process, followed by <|endoftext|>; every `every`-th
+    document (the every-th, 2*every-th, ...) is validation."""
+    docs = [d for f in files for d in reference_documents(f)]
+    ids = {"train": [], "val": []}
+    for i, d in enumerate(docs):
+        ids["val" if i % every == every - 1 else "train"] += enc.encode_ordinary(d) + [enc.eot_token]
+    return docs, ids
+
+
+def read_ids(out):
+    meta = json.loads((Path(out) / "meta.json").read_text())
+    return {s: np.fromfile(Path(out) / f"{s}.bin", dtype=meta["dtype"]).tolist() for s in ("train", "val")}
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A folder of .txt files (one in a subfolder, one empty, one with Windows line breaks) holding
+    documents separated by <|endoftext|> lines, with the tricky cases at the edges."""
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    facts = P.make_facts(6, seed=4)["train_docs"]
+    long_doc = " ".join(facts) + "\n\n   " + "\n".join(facts[:40]) + "  \n\t\n"  # ~10k characters
+    tricky = ["Le cœur a ses raisons. 日本語のテキスト 🙂🚀 e\u0301\n", "  leading spaces and trailing   ",
+              f"an {EOT} inside a line is ordinary text", f" {EOT}\n{EOT}x\nnot separators either",
+              "\n\nblank lines first", "ends with blank lines\n\n\n", "it's 2024, isn't it? 3.50$"]
+    (root / "a.txt").write_text(f"{EOT}\n" + "\n<|endoftext|>\n".join(facts[:25]) + f"\n{EOT}\n{EOT}\n",
+                                encoding="utf-8")
+    (root / "b.txt").write_text(long_doc, encoding="utf-8")  # a file without separators: one document
+    (root / "c.txt").write_text("\n<|endoftext|>\n".join(tricky + [long_doc] + facts[25:40]), encoding="utf-8")
+    (root / "d.txt").write_text("", encoding="utf-8")
+    (root / "sub" / "e.txt").write_bytes("\r\n<|endoftext|>\r\n".join(facts[40:60]).replace("\n", "\r\n").encode())
+    (root / "notes.md").write_text("not a .txt file: not part of the corpus")
+    return root
+
+
+def corpus_files(root):
+    return [root / "a.txt", root / "b.txt", root / "c.txt", root / "d.txt", root / "sub" / "e.txt"]
+
+
+def snapshot(folder):
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(Path(folder).iterdir())}
+
+
+def test_documents_rule(tmp_path):
+    f = tmp_path / "dump.txt"
+    f.write_text(f"{EOT}\na\n{EOT}\nb\n\n{EOT}\n{EOT}\nc {EOT} d\n {EOT}\n{EOT}e\n{EOT}", encoding="utf-8")
+    assert reference_documents(f) == ["a", "b\n", f"c {EOT} d\n {EOT}\n{EOT}e"]
+    assert [t for t, ends in P._file_pieces(str(f))] == reference_documents(f)
+
+
+@pytest.mark.parametrize("read_chars", [1, 7, 64, 1 << 20])
+def test_pieces_follow_the_rule_at_any_read_size(corpus, monkeypatch, read_chars):
+    # bounded reading: whatever the block size, the pieces put together are exactly the documents,
+    # and no piece is much longer than a block
+    monkeypatch.setattr(P, "READ_CHARS", read_chars)
+    for f in corpus_files(corpus):
+        docs, doc = [], ""
+        for text, ends in P._file_pieces(str(f)):
+            assert len(text) <= 2 * read_chars + 64
+            doc += text
+            if ends:
+                docs.append(doc)
+                doc = ""
+        assert doc == "" and docs == reference_documents(f), f
+
+
+def test_exact_ids_folder_and_small_reads(corpus, tmp_path, monkeypatch):
+    # 1) the folder with the default block sizes
+    out = P.prepare(dataset="text", input=str(corpus), tokenizer="bpe:400", out_dir=str(tmp_path / "out"),
+                    val_fraction=0.25, progress=False)
+    enc = P.load_tokenizer(out)
+    docs, ref = reference_ids(corpus_files(corpus), enc, every=4)
+    assert len(docs) > 60
+    assert read_ids(out) == ref
+    meta = json.loads((Path(out) / "meta.json").read_text())
+    assert meta["train_tokens"] == len(ref["train"]) and meta["val_tokens"] == len(ref["val"])
+    assert meta["inputs"]["files"] == 5 and not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    # 2) the same corpus read 16 characters at a time, in tiny encoding batches, by worker processes
+    # (which a corpus this small would not get): the same bytes
+    monkeypatch.setattr(P, "READ_CHARS", 16)
+    monkeypatch.setattr(P, "BATCH_BYTES", 50)
+    monkeypatch.setattr(P, "PARALLEL_MIN_BYTES", 0)
+    small = P.prepare(dataset="text", input=[str(f) for f in corpus_files(corpus)], tokenizer="bpe:400",
+                      out_dir=str(tmp_path / "small"), val_fraction=0.25, progress=False)
+    for name in ["train.bin", "val.bin", "tokenizer.tiktoken"]:
+        assert (Path(small) / name).read_bytes() == (Path(out) / name).read_bytes(), name
+
+
+@pytest.mark.skipif(not R50K.exists(), reason="no local copy of r50k_base.tiktoken")
+def test_exact_ids_with_gpt2_tokenizer(corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "READ_CHARS", 100)
+    out = P.prepare(dataset="text", input=str(corpus), tokenizer=str(R50K), out_dir=str(tmp_path / "g"),
+                    progress=False)
+    enc = P.make_encoding(P.load_ranks(str(R50K)))
+    _, ref = reference_ids(corpus_files(corpus), enc, every=10)
+    assert read_ids(out) == ref and len(ref["val"]) > 0
+
+
+def test_validation_is_whole_documents_spread_evenly():
+    for f in [0.1, 0.05, 0.25, 0.3, 0.5, 0.9]:
+        for n in [1, 9, 10, 11, 57, 1000]:
+            val = [i for i in range(n) if P._is_val(i, f)]
+            assert len(val) == math.floor(n * f)
+    assert [i for i in range(40) if P._is_val(i, 0.1)] == [9, 19, 29, 39]
+
+
+def test_few_documents_for_the_val_fraction(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i}.txt").write_text(f"document {i}, " * 50)
+    with pytest.raises(P.DataError, match="no val text: the corpus has 3 documents"):
+        P.prepare(dataset="text", input=str(tmp_path), tokenizer="bpe:300", out_dir=str(tmp_path / "o"), progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_bpe_trains_on_a_bounded_sample(corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(P, "BPE_SAMPLE_BYTES", 3000)
+    out = P.prepare(dataset="text", input=str(corpus), tokenizer="bpe:300", out_dir=str(tmp_path / "o"),
+                    progress=False)
+    assert "bpe: training on a sample, the first" in capsys.readouterr().out
+    # the sample: training documents in order, each followed by a line break, until 3000 bytes
+    docs, _ = reference_ids(corpus_files(corpus), P.load_tokenizer(out), every=10)
+    sample, size = "", 0
+    for i, d in enumerate(docs):
+        if i % 10 != 9 and size < 3000:
+            sample, size = sample + d + "\n", size + len(d.encode())
+    assert P.load_ranks(os.path.join(out, "tokenizer.tiktoken")) == P.train_bpe(sample, 300, progress=False)
+
+
+def test_failure_midway_leaves_nothing(corpus, tmp_path, monkeypatch):
+    # an error while encoding (here a file that is not UTF-8, found late) touches no prepared folder
+    # and leaves no temporary files
+    out = tmp_path / "out"
+    P.prepare(dataset="text", input=str(corpus), tokenizer="bpe:300", out_dir=str(out), progress=False)
+    before = snapshot(out)
+    (corpus / "sub" / "z.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(P.DataError, match="z.txt is not UTF-8"):
+        P.prepare(dataset="text", input=str(corpus), tokenizer="bpe:300", out_dir=str(out), progress=False, force=True)
+    assert snapshot(out) == before
+    with pytest.raises(P.DataError, match="not UTF-8"):
+        P.prepare(dataset="text", input=str(corpus), tokenizer="bpe:300", out_dir=str(tmp_path / "new"), progress=False)
+    assert not (tmp_path / "new").exists()
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+
+
+def assert_one_error_line(r, *needles):
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_several_inputs_on_the_command_line(corpus, tmp_path):
+    out = tmp_path / "two"
+    r = run_cli("--dataset", "text", "--input", str(corpus / "a.txt"), "--input", str(corpus / "c.txt"),
+                "--tokenizer", "bpe:300", "--out_dir", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "documents: 44 train, 4 val (every 10th)" in r.stdout
+    _, ref = reference_ids([corpus / "a.txt", corpus / "c.txt"], P.load_tokenizer(str(out)), every=10)
+    assert read_ids(out) == ref
+
+
+def test_refuses_to_replace_other_data(corpus, tmp_path):
+    out = tmp_path / "data"
+    text = ["--dataset", "text", "--input", str(corpus), "--tokenizer", "bpe:300", "--out_dir", str(out)]
+    assert run_cli(*text).returncode == 0
+    before = snapshot(out)
+    # the same inputs: nothing to do, nothing touched
+    r = run_cli(*text)
+    assert r.returncode == 0 and "already prepared" in r.stdout and snapshot(out) == before
+    # other inputs: one error line, exit code 1, nothing touched
+    (corpus / "a2.txt").write_text("another file\n")
+    for args in [text, text[:-2] + ["--out_dir", str(out), "--val_fraction", "0.2"],
+                 ["--dataset", "text", "--input", str(corpus / "b.txt"), "--out_dir", str(out)],
+                 ["--entities", "10", "--out_dir", str(out)]]:
+        assert_one_error_line(run_cli(*args), str(out), "--out_dir=OTHER", "--force")
+        assert snapshot(out) == before
+    # --force replaces it
+    r = run_cli(*text, "--force")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["inputs"]["files"] == 6 and not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_refuses_other_facts_and_a_changed_file(tmp_path):
+    out = str(tmp_path / "facts")
+    P.prepare(dataset="facts", out_dir=out, entities=10, seed=1, progress=False)
+    before = snapshot(out)
+    for kw in [dict(seed=2), dict(entities=11), dict(tokenizer="bpe:1000")]:
+        with pytest.raises(P.DataError, match="holds data prepared from other inputs"):
+            P.prepare(dataset="facts", out_dir=out, progress=False, **{"entities": 10, "seed": 1, **kw})
+    assert snapshot(out) == before
+    # a text file edited after preparing counts as another input
+    src = tmp_path / "t.txt"
+    src.write_text("some text to split. " * 30)
+    P.prepare(dataset="text", input=str(src), tokenizer="bpe:270", out_dir=str(tmp_path / "t"), progress=False)
+    os.utime(src, ns=(0, 10**9))
+    with pytest.raises(P.DataError, match="input files' sizes or modification times differ"):
+        P.prepare(dataset="text", input=str(src), tokenizer="bpe:270", out_dir=str(tmp_path / "t"), progress=False)
+    # a folder made by the previous prepare_data.py records no inputs: refused too
+    meta = json.loads((tmp_path / "t" / "meta.json").read_text())
+    del meta["inputs"]
+    (tmp_path / "t" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(P.DataError, match="records no inputs"):
+        P.prepare(dataset="text", input=str(src), tokenizer="bpe:270", out_dir=str(tmp_path / "t"), progress=False)
+
+
+def test_fingerprint_and_tokenizer_hash(tmp_path):
+    out = Path(P.prepare(dataset="facts", out_dir=str(tmp_path / "a"), entities=10, seed=1, progress=False))
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["tokenizer_sha256"] == hashlib.sha256((out / "tokenizer.tiktoken").read_bytes()).hexdigest()
+    assert len(meta["fingerprint"]) == 16 and int(meta["fingerprint"], 16) >= 0
+    again = P.prepare(dataset="facts", out_dir=str(out), entities=10, seed=1, progress=False, force=True)
+    assert json.loads((Path(again) / "meta.json").read_text())["fingerprint"] == meta["fingerprint"]
+    other = P.prepare(dataset="facts", out_dir=str(tmp_path / "b"), entities=10, seed=2, progress=False)
+    assert json.loads((Path(other) / "meta.json").read_text())["fingerprint"] != meta["fingerprint"]
+
+
+def test_too_small_facts_vocab_suggests_one_that_works(tmp_path):
+    with pytest.raises(P.DataError, match="raise N") as e:
+        P.prepare(dataset="facts", tokenizer="bpe:300", out_dir=str(tmp_path / "x"), entities=30, progress=False)
+    suggested = str(e.value).split("(--tokenizer ")[1].split(" works")[0]
+    assert suggested.startswith("bpe:") and not (tmp_path / "x").exists()
+    P.prepare(dataset="facts", tokenizer=suggested, out_dir=str(tmp_path / "x"), entities=30, progress=False)
+    # and it is the smallest multiple of 128 that works
+    smaller = f"bpe:{int(suggested[4:]) - 128}"
+    with pytest.raises(P.DataError, match="raise N"):
+        P.prepare(dataset="facts", tokenizer=smaller, out_dir=str(tmp_path / "y"), entities=30, progress=False)
