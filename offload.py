@@ -309,8 +309,12 @@ class OffloadedTables(Tables):
             ev.synchronize()  # the copies to pinned memory have landed
         self.opt.update(ids, g, step, lr, **self.hyper)
         if len(wb_ids):
-            for t, rows in zip((self.table, self.opt.m, self.opt.v), wb.unbind(0)):
-                t.index_copy_(0, wb_ids, rows)
+            self._write_back(wb_ids, wb)
+
+    def _write_back(self, ids, pmv):
+        """Rows ids of the host table and moments <- pmv (3, rows, W): p, m, v from the device."""
+        for t, rows in zip((self.table, self.opt.m, self.opt.v), pmv.unbind(0)):
+            t.index_copy_(0, ids, rows)
 
     def sync(self):
         """Wait for every queued host task, then make the host copies current: rows carried into the
@@ -326,8 +330,7 @@ class OffloadedTables(Tables):
                 torch.cuda.current_stream(self.device).wait_event(ev)
             pos = nxt.from_prev.nonzero().flatten()
             vals = self.slots[nxt.slot].dev.index_select(1, to_device(pos, self.device)).cpu()
-            for t, rows in zip((self.table, self.opt.m, self.opt.v), vals.unbind(0)):
-                t.index_copy_(0, nxt.uniq[pos], rows)
+            self._write_back(nxt.uniq[pos], vals)
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
