@@ -27,7 +27,7 @@ import torch
 
 from model import GPT, GPTConfig, STEM, SwiGLU, configure_optimizer
 from tables import ResidentTables
-from train import Batches, UserError, die, edit_probes, fact_recall, load_meta, parse_config, resolve_device
+from common import Batches, UserError, die, edit_probes, fact_recall, load_meta, parse_config, resolve_device
 
 # dense bf16 peak of known GPUs (FLOP/s), for MFU; others: pass --peak_flops
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
@@ -592,7 +592,7 @@ def bench_quality(bc):
 
 def main(argv):
     bc, mc = BenchConfig(), GPTConfig()
-    parse_config(argv, bc, mc)
+    parse_config(argv, bc, mc, doc=__doc__)
     if bc.mode not in ("ffn", "train", "offload", "decode", "quality"):
         raise UserError(f"mode={bc.mode!r} is not one of ffn, train, offload, decode, quality")
     if bc.mode == "quality":

@@ -135,6 +135,10 @@ class OffloadedTables(Tables):
         self.cache = RowCache(self, cache_rows) if cache_rows else None
         self.prompt_jobs, self._chunks, self._reading = {}, [], None
 
+    def describe(self):
+        mib = self.table.numel() * 4 / 2**20
+        return f"{self.n} ({self.optimizer} AdamW, {mib:.1f} MiB + moments in host memory, offloaded)"
+
     def cols(self, l):
         """Layer l's columns in the packed layout."""
         return slice(l * self.h, (l + 1) * self.h)

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 import prepare_data
-from train import (UserError, die, edit_probes, fact_recall, load_checkpoint, model_from_checkpoint, parse_config,
+from common import (UserError, die, edit_probes, fact_recall, load_checkpoint, model_from_checkpoint, parse_config,
                    resolve_device)
 
 
@@ -105,7 +105,7 @@ def averaged_stem_fn(model, averaged, prompt_len):
 
 def main(argv=None):
     sc = SampleConfig()
-    parse_config(sys.argv[1:] if argv is None else argv, sc)
+    parse_config(sys.argv[1:] if argv is None else argv, sc, doc=__doc__)
     if sc.edit_align not in ("left_pad", "copy", "average"):
         raise UserError(f"edit_align={sc.edit_align!r} is not one of left_pad, copy, average")
     device, dtype, ctx, note = resolve_device(sc.device, sc.dtype)

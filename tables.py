@@ -128,6 +128,9 @@ class Tables:
         self.names = [f"blocks.{i}.ffn.table" for i in model.stem_layers]
         self.n, self.steps = len(self.names), 0
 
+    def describe(self):
+        return f"{self.n} ({self.optimizer} AdamW, on the device)"
+
     def _lazy_state(self, moments, lr):
         """moments: per layer (exp_avg, exp_avg_sq), CPU tensors."""
         state = {l: {"step": torch.tensor(float(self.steps)), "exp_avg": m, "exp_avg_sq": v}

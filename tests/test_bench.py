@@ -2,7 +2,7 @@
 import json
 import os
 
-from test_train import TINY, _train_inproc, assert_user_error, facts, run  # noqa: F401
+from conftest import TINY, _train_inproc, assert_user_error, run  # noqa: F401
 
 SMALL = ["--device=cpu", "--burn_in=0", "--steps=1", "--n_layer=2", "--n_head=2", "--n_embd=32", "--ffn_hidden=64",
          "--block_size=32", "--batch_size=4"]

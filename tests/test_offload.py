@@ -10,7 +10,7 @@ from conftest import tiny_config
 from model import GPT, configure_optimizer
 from offload import OffloadedTables, OffloadError
 from tables import ResidentTables
-from test_train import TINY, _losses, _train_inproc, assert_user_error, facts, run, trained  # noqa: F401
+from conftest import TINY, _losses, _train_inproc, assert_user_error, run  # noqa: F401
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

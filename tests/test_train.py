@@ -8,51 +8,17 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
-
-TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--ffn_hidden=64", "--block_size=32", "--batch_size=4",
-        "--eval_iters=2", "--log_interval=1", "--learning_rate=1e-2", "--warmup_iters=2"]
-
-
-def run(script, *args, ok=True):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
-                       cwd=ROOT, timeout=300)
-    if ok:
-        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    return p
-
-
-def assert_user_error(p, *needles):
-    """One clear line on stderr, exit code 1, no traceback."""
-    assert p.returncode == 1, (p.stdout[-1000:], p.stderr[-2000:])
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
-    assert "Traceback" not in p.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
-@pytest.fixture(scope="module")
-def facts(tmp_path_factory):
-    import prepare_data
-    d = str(tmp_path_factory.mktemp("data") / "facts")
-    prepare_data.prepare(dataset="facts", out_dir=d, entities=12, progress=False)
-    return d
-
-
-@pytest.fixture(scope="module")
-def trained(facts, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("out"))
-    p = run("train.py", f"--data_dir={facts}", f"--out_dir={out}", "--max_iters=6", "--eval_interval=3", *TINY)
-    return out, p
-
+from conftest import ROOT, TINY, _losses, _train_inproc, assert_user_error, run  # noqa: F401
 
 def test_train_smoke_writes_checkpoint_metrics_plot(trained, facts):
     out, p = trained
     assert "parameters: embedding" in p.stdout and "FLOPs per token" in p.stdout
     assert "recall" in p.stdout and "step     6 | loss" in p.stdout and "tok/s" in p.stdout
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    assert set(ckpt) == {"model", "optimizer", "config", "iter", "best_val_loss", "rng"}
+    assert set(ckpt) == {"model", "optimizer", "config", "data", "iter", "tokens", "best_val_loss", "best_iter",
+                         "last_val_loss", "rng"}
+    meta = json.load(open(os.path.join(facts, "meta.json")))
+    assert ckpt["data"]["fingerprint"] == meta["fingerprint"] and ckpt["tokens"] == 6 * 4 * 32
     assert ckpt["iter"] == 6 and ckpt["config"]["model"]["ffn"] == "stem"
     assert "blocks.1.ffn.table" in ckpt["model"] and not any(k.startswith("_orig_mod") for k in ckpt["model"])
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
@@ -80,15 +46,6 @@ def _two_names(out):
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     facts = json.load(open(os.path.join(ckpt["config"]["train"]["data_dir"], "facts.json")))
     return facts["entities"][0]["name"], facts["entities"][1]["name"]
-
-
-def _train_inproc(*args):
-    import train
-    train.main(list(args))
-
-
-def _losses(out):
-    return [r["loss"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r["kind"] == "train"]
 
 
 @pytest.mark.parametrize("table_optimizer", ["dense", "lazy"])

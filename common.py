@@ -1,0 +1,458 @@
+"""
+What the scripts share: the config mechanism (dataclasses and --key=value), the device and dtype
+decision, the data batches, checkpoints, evaluation (loss, fact recall, edit probes), and the
+accounting printout. train.py, sample.py and bench.py import from here; model.py does not.
+"""
+
+import ast
+import dataclasses
+import inspect
+import json
+import os
+import random
+import socket
+import sys
+import time
+import typing
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from model import GPT, GPTConfig, parse_stem_layers
+
+# -----------------------------------------------------------------------------
+# config: dataclasses + type-checked --key=value overrides (one mechanism for every script)
+
+
+class UserError(Exception):
+    """Bad input: reported as one line, exit code 1, no traceback."""
+
+
+def die(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _coerce(key, value, typ, from_cli):
+    """Convert a command-line string (or check a preset literal) against a dataclass field type."""
+    if typing.get_origin(typ) is typing.Union:  # Optional[X]
+        if value is None or (from_cli and value == "None"):
+            return None
+        typ = next(t for t in typing.get_args(typ) if t is not type(None))
+    if from_cli:
+        try:
+            if typ is bool:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return value.lower() in ("true", "1")
+            return typ(value) if typ in (int, float) else value
+        except ValueError:
+            raise UserError(f"--{key}={value} is not a valid {typ.__name__}") from None
+    if typ is float and type(value) is int:
+        value = float(value)
+    if type(value) is not typ:
+        raise UserError(f"{key} = {value!r} is not a {typ.__name__}")
+    return value
+
+
+def config_help(*configs):
+    """Every key with its type, default and the comment beside it in the dataclass source."""
+    lines = []
+    for c in configs:
+        comments = {}
+        for line in inspect.getsource(type(c)).splitlines():
+            name, _, rest = line.strip().partition(":")
+            if rest and "#" in rest and name.isidentifier():
+                comments[name] = rest.split("#", 1)[1].strip()
+        lines.append(f"{type(c).__name__}:")
+        for f in dataclasses.fields(c):
+            typ = getattr(f.type, "__name__", str(f.type).replace("typing.", ""))
+            lines.append(f"  --{f.name}={getattr(c, f.name)!r}".ljust(34) + f" ({typ}) {comments.get(f.name, '')}".rstrip())
+    return "\n".join(lines)
+
+
+def parse_config(argv, *configs, doc=None):
+    """Apply an optional preset file (first argument; plain assignments such as `n_layer = 6`) and
+    --key=value / --key value / --flag arguments to the dataclass instances, in place. List fields
+    are repeatable. -h / --help prints doc (the script's docstring) and the keys, then exits 0.
+    Returns the set of keys that were set."""
+    if "-h" in argv or "--help" in argv:
+        print((doc.strip() + "\n\n" if doc else "") + "Options (--key=value; a preset file of key = value lines may come first):")
+        print(config_help(*configs))
+        sys.exit(0)
+    fields = {}
+    for c in configs:
+        for f in dataclasses.fields(c):
+            fields[f.name] = (c, f)
+    items, args = [], list(argv)
+    if args and not args[0].startswith("--"):
+        path = args.pop(0)
+        if not path.endswith(".py") or not os.path.isfile(path):
+            raise UserError(f"preset file {path} not found (a preset is a .py file of plain assignments "
+                            f"such as presets/shakespeare.py; options are written --key=value)")
+        try:
+            body = ast.parse(open(path).read()).body
+        except (SyntaxError, UnicodeDecodeError) as e:
+            raise UserError(f"{path} is not a preset (a .py file of plain assignments): {type(e).__name__}") from None
+        for node in body:
+            try:
+                assert isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+                items.append((node.targets[0].id, ast.literal_eval(node.value), False))
+            except (AssertionError, ValueError):
+                raise UserError(f"{path}:{node.lineno}: a preset may only hold assignments of literals, "
+                                f"such as n_layer = 6") from None
+    while args:
+        a = args.pop(0)
+        if not a.startswith("--"):
+            raise UserError(f"unexpected argument {a!r}: use --key=value")
+        key, eq, value = a[2:].partition("=")
+        if key in fields and not eq:  # --key value, or a bare --flag for booleans
+            if fields[key][1].type is bool and (not args or args[0].startswith("--")):
+                value = "True"
+            elif args:
+                value = args.pop(0)
+            else:
+                raise UserError(f"--{key} needs a value: --{key}=VALUE")
+        items.append((key, value, True))
+    seen = set()
+    for key, value, from_cli in items:
+        if key not in fields:
+            raise UserError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(fields))}")
+        obj, f = fields[key]
+        if f.type is list:
+            getattr(obj, key).append(value)
+        else:
+            setattr(obj, key, _coerce(key, value, f.type, from_cli))
+        seen.add(key)
+    return seen
+
+
+def print_config(*configs):
+    for c in configs:
+        print(f"{type(c).__name__}:")
+        for k, v in dataclasses.asdict(c).items():
+            print(f"  {k} = {v!r}")
+
+
+def require(ok, msg):
+    """Config validation: one clear line when a value is out of range."""
+    if not ok:
+        raise UserError(msg)
+
+
+def check_model_config(mc):
+    """Every GPTConfig value in range, before anything is built or written."""
+    for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "ffn_hidden"):
+        require(getattr(mc, k) >= 1, f"{k}={getattr(mc, k)} must be at least 1")
+    require(mc.n_embd % mc.n_head == 0, f"n_embd={mc.n_embd} is not divisible by n_head={mc.n_head}: "
+            f"pick n_head among {[h for h in range(1, min(mc.n_embd, 64) + 1) if mc.n_embd % h == 0 and (mc.n_embd // h) % 2 == 0]}")
+    require((mc.n_embd // mc.n_head) % 2 == 0, f"head size n_embd/n_head = {mc.n_embd // mc.n_head} is odd; rotary "
+            f"embeddings rotate pairs of channels, so it must be even: change n_embd or n_head")
+    require(mc.rope_theta > 0 and mc.norm_eps > 0, "rope_theta and norm_eps must be positive")
+    for k in ("moe_experts",):  # ablation-only keys, when the model has them
+        if hasattr(mc, k):
+            require(getattr(mc, k) >= 1, f"{k}={getattr(mc, k)} must be at least 1")
+    try:
+        parse_stem_layers(mc.stem_layers, mc.n_layer, mc.ffn)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+# -----------------------------------------------------------------------------
+# device, dtype, data, checkpoints
+
+
+def resolve_device(device, dtype):
+    """(device, dtype name, autocast context, note) with the reason for each decision."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={device} was asked for but CUDA is not available here; use --device=cpu")
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise UserError(f"device={device!r} is not one of auto, cpu, cuda, cuda:N")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    if dtype not in ("float32", "bfloat16"):
+        raise UserError(f"dtype={dtype!r} is not one of auto, float32, bfloat16")
+    dev_type = device.split(":")[0]
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(dev_type, dtype=torch.bfloat16)
+    what = torch.cuda.get_device_name(device) if dev_type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    note = f"device: {device} ({what}); dtype: {dtype} " + (
+        "(weights float32, matmuls in bfloat16 autocast)" if dtype == "bfloat16" else "(float32 throughout)")
+    return device, dtype, ctx, note
+
+
+def load_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        name = os.path.basename(os.path.normpath(data_dir))
+        hint = "python prepare_data.py" if name == "facts" else f"python prepare_data.py --dataset {name} ..."
+        raise UserError(f"no prepared data in {data_dir} (meta.json missing): run `{hint}` first, "
+                        f"or point --data_dir at a prepared folder")
+    with open(path) as f:
+        return json.load(f)
+
+
+class Batches:
+    """Random windows of block_size+1 tokens from train.bin / val.bin (nanoGPT's get_batch), drawn
+    with a seeded generator whose state goes into the checkpoint, so that a resumed run sees the
+    same batches as an uninterrupted one."""
+
+    def __init__(self, data_dir, meta, block_size, batch_size, device, seed):
+        self.paths = {s: os.path.join(data_dir, f"{s}.bin") for s in ("train", "val")}
+        self.dtype = np.dtype(meta["dtype"])
+        self.block_size, self.batch_size, self.device = block_size, batch_size, device
+        for split, path in self.paths.items():
+            n = os.path.getsize(path) // self.dtype.itemsize if os.path.exists(path) else 0
+            if n <= block_size + 1:
+                raise UserError(f"{path} holds {n} tokens, not more than block_size + 1 = {block_size + 1}: "
+                                f"lower --block_size or prepare more data")
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def get(self, split, gen=None, to_device=True):
+        # a fresh memmap per batch avoids the memory growth of a long-lived one (nanoGPT issue)
+        data = np.memmap(self.paths[split], dtype=self.dtype, mode="r")
+        ix = torch.randint(len(data) - self.block_size - 1, (self.batch_size,), generator=gen or self.gen)
+        x = torch.stack([torch.from_numpy(data[i:i + self.block_size].astype(np.int64)) for i in ix.tolist()])
+        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + self.block_size].astype(np.int64)) for i in ix.tolist()])
+        if not to_device:
+            return x, y
+        return self.to_device(x, y)
+
+    def to_device(self, x, y):
+        if self.device.startswith("cuda"):
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x, y
+
+
+def save_checkpoint(path, ckpt):
+    tmp = path + ".tmp"
+    try:
+        torch.save(ckpt, tmp)
+    except BaseException:  # Ctrl-C or a full disk mid-write: no half file left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a half checkpoint under the real name
+
+
+def load_checkpoint(path, map_location="cpu"):
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}: train one first (python train.py --out_dir={os.path.dirname(path) or '.'})")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is unreadable (truncated or corrupt: {type(e).__name__}); "
+                        f"retrain, or point --out_dir at a good one") from None
+    if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
+        raise UserError(f"{path} is not a nanoSTEM checkpoint (no 'model'/'config' entries)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path="checkpoint"):
+    cfg = GPTConfig(**ckpt["config"]["model"])
+    model = GPT(cfg)
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    if missing or unexpected:
+        raise UserError(f"{path} does not match its own config (missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}): it was written by another version of the code")
+    return model
+
+
+def check_same_architecture(saved, current, keys_set, path):
+    """A resumed run takes the model config from the checkpoint; an override that contradicts it
+    (say --ffn=swiglu on a STEM checkpoint) is an error rather than a silent surprise."""
+    for k in sorted(keys_set & set(saved)):
+        if saved[k] != getattr(current, k):
+            raise UserError(f"{path} was trained with {k}={saved[k]!r} but this run asks for "
+                            f"{k}={getattr(current, k)!r}: drop --{k}, or train from scratch in another --out_dir")
+
+
+def provenance(meta, data_dir):
+    """What a checkpoint was trained on: the data folder, its fingerprint and its tokenizer's hash
+    (prepare_data.py writes both into meta.json)."""
+    return {"data_dir": data_dir, "dataset": meta.get("dataset"), "fingerprint": meta.get("fingerprint"),
+            "tokenizer_sha256": meta.get("tokenizer_sha256")}
+
+
+def check_provenance(ckpt, meta, data_dir, path, key="fingerprint"):
+    """Refuse data (key="fingerprint") or a tokenizer (key="tokenizer_sha256") other than the one the
+    checkpoint was trained with. Checkpoints from before provenance was recorded pass with a note."""
+    saved = ckpt.get("data")
+    if not saved or saved.get(key) is None or meta.get(key) is None:
+        print(f"note: {path} or {data_dir} records no {key}: the data and tokenizer cannot be checked")
+        return
+    if saved[key] != meta[key]:
+        what = "data" if key == "fingerprint" else "tokenizer"
+        raise UserError(f"{path} was trained on {saved['data_dir']} ({what} {key} {saved[key][:16]}), but "
+                        f"{data_dir} now holds {key} {meta[key][:16]}: it was prepared again with other inputs "
+                        f"since. Prepare the original data again (see its meta.json), or point --data_dir at it")
+
+
+class RunLock:
+    """out_dir/train.lock while a training run writes there: a second run refuses. The lock holds the
+    owner's host and pid, so a lock left by a run that crashed (its pid is gone) is taken over."""
+
+    def __init__(self, out_dir):
+        self.path = os.path.join(out_dir, "train.lock")
+        self.me = f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%d %H:%M:%S')}"
+
+    def __enter__(self):
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = open(self.path).read().split()
+                host, pid = (owner + ["", "0"])[:2]
+                if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                    print(f"note: taking over {self.path}, left by process {pid} that is no longer running")
+                    os.remove(self.path)
+                    continue
+                raise UserError(f"{os.path.dirname(self.path) or '.'} is in use by another training run "
+                                f"({' '.join(owner)}): wait for it or use another --out_dir; if that run "
+                                f"is gone, delete {self.path}") from None
+            except OSError as e:
+                raise UserError(f"cannot write to out_dir {os.path.dirname(self.path)}: {e.strerror}; "
+                                f"choose another --out_dir") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(self.me)
+            return self
+        raise UserError(f"could not take {self.path}: delete it and try again")
+
+    def __exit__(self, *exc):
+        if os.path.exists(self.path) and open(self.path).read() == self.me:
+            os.remove(self.path)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def evaluate(model, batches, eval_iters, ctx, lookup=None):
+    """Mean loss over the same eval_iters batches of each split every time (fixed generator).
+    lookup(x) -> (stem_ids, stem_tables) supplies the STEM rows when the tables live elsewhere (offload)."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        gen = torch.Generator().manual_seed(12345)
+        losses = []
+        for _ in range(eval_iters):
+            x, y = batches.get(split, gen)
+            with ctx:
+                stem_ids, stem_tables = lookup(x) if lookup else (None, None)
+                losses.append(model(x, y, stem_ids=stem_ids, stem_tables=stem_tables)[1].item())
+        out[split] = sum(losses) / len(losses)
+    model.train()
+    return out
+
+
+@torch.no_grad()
+def fact_recall(model, enc, probes, device, ctx=nullcontext(), batch=256, stem_fn=None):
+    """Fraction of probes ("The capital of Velmora is" -> " Drasil") whose greedy continuation
+    starts with the answer, overall and per attribute. Probes of equal token length run as a batch.
+    A probe with a "stem_prompt" looks its STEM rows up by that text's ids (an edit)."""
+    model.eval()
+    groups = {}
+    for p in probes:
+        groups.setdefault(len(enc.encode(p["prompt"])), []).append(p)
+    hits = {}
+    for n, group in groups.items():
+        for i in range(0, len(group), batch):
+            chunk = group[i:i + batch]
+            idx = torch.tensor([enc.encode(p["prompt"]) for p in chunk], device=device)
+            stem_ids = torch.tensor([enc.encode(p.get("stem_prompt", p["prompt"])) for p in chunk], device=device)
+            steps = max(len(enc.encode(p["answer"])) for p in chunk)
+            with ctx:
+                out = model.generate(idx, steps, temperature=0, stem_ids=stem_ids, stem_fn=stem_fn)
+            for p, row in zip(chunk, out[:, n:].tolist()):
+                hits.setdefault(p["attribute"], []).append(enc.decode(row).startswith(p["answer"]))
+    model.train()
+    res = {a: sum(h) / len(h) for a, h in hits.items()}
+    res["recall"] = sum(sum(h) for h in hits.values()) / sum(len(h) for h in hits.values())
+    return res
+
+
+def edit_probes(facts, enc, n_pairs=100, seed=0):
+    """Probes that measure knowledge editing: entity A's prompt, with A's token looked up through
+    B's rows; the expected answer is B's. Attributes where A and B agree are left out (no signal),
+    and so are prompts where the swap changes the token count."""
+    rng = random.Random(seed)
+    by = {}
+    for p in facts["probes"]:
+        by.setdefault(p["entity"], {})[p["attribute"]] = p
+    names = sorted(by)
+    out = []
+    for _ in range(n_pairs):
+        a, b = rng.sample(names, 2)
+        for attr, p in by[a].items():
+            stem_prompt = p["prompt"].replace(a, b)
+            if by[b][attr]["answer"] == p["answer"] or len(enc.encode(stem_prompt)) != len(enc.encode(p["prompt"])):
+                continue
+            out.append(dict(p, answer=by[b][attr]["answer"], stem_prompt=stem_prompt))
+    return out
+
+
+def plot_losses(metrics_path, png_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in open(metrics_path)]
+    tr = [(r["iter"], r["loss"]) for r in rows if r["kind"] == "train"]
+    ev = [(r["iter"], r["val_loss"]) for r in rows if r["kind"] == "eval"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if tr:
+        ax.plot(*zip(*tr), lw=0.8, alpha=0.6, label="train (per step)")
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def print_accounting(model, counts=None, flops=None):
+    c = counts or model.param_counts()
+    T = model.cfg.block_size
+    print(f"STEM layers: {model.stem_layers or 'none'} of {model.cfg.n_layer}")
+    print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in c.items()))
+    print(f"FLOPs per token (forward, context {T}): {flops or model.flops_per_token():,} "
+          f"(matmul weights + attention; tables are lookups); training ~3x")
+
+
+# -----------------------------------------------------------------------------
+# small utilities
+
+
+def ranks_agree(raw_model, world):
+    """DDP ranks must hold identical weights: a cheap check that the table updates agreed."""
+    s = torch.stack([p.detach().double().sum() for p in raw_model.parameters()]).sum().reshape(1)
+    all_s = [torch.zeros_like(s) for _ in range(world)]
+    torch.distributed.all_gather(all_s, s)
+    return all(torch.equal(a, s) for a in all_s)
+
+
+def clock(seconds):
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
+def truncate_jsonl(path, last_iter):
+    """Keep the rows of a metrics file up to last_iter (a resumed run rewrites what came after)."""
+    old = open(path).readlines() if (last_iter and os.path.exists(path)) else []
+    with open(path, "w") as f:
+        f.writelines(line for line in old if json.loads(line)["iter"] <= last_iter)
