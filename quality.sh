@@ -23,8 +23,9 @@ for ds in $DATASETS; do
         continue  # finished runs are kept: the sequence can be resumed
       fi
       if [ "$arch" = swiglu ]; then a="--ffn=swiglu"; else a="--ffn=stem --stem_layers=${arch#stem-}"; fi
+      resume=""; [ -f "$out/ckpt.pt" ] && resume="--init_from=resume"  # an interrupted run continues
       echo "== $out"
-      python train.py presets/$ds.py $a --seed=$seed --out_dir=$out --compile=False > /dev/null
+      python train.py presets/$ds.py $a --seed=$seed --out_dir=$out --compile=False $resume > /dev/null
     done
   done
 done
