@@ -1,9 +1,16 @@
-"""python prepare_data.py --dataset facts|shakespeare|text [--input PATH ...] [--tokenizer SPEC] [--out_dir DIR]
-                          [--force]
-
+"""
 Turns text into the token files the training script reads: data/<name>/train.bin and val.bin
 (flat arrays of token ids, documents separated by <|endoftext|>), meta.json, and the tokenizer
 itself (tokenizer.tiktoken), so that a data folder is self-contained.
+
+    python prepare_data.py                                    # facts (100 countries) into data/facts
+    python prepare_data.py --entities=400 --out_dir=data/facts400
+    python prepare_data.py --dataset=shakespeare --tokenizer=gpt2 --out_dir=data/shakespeare-gpt2
+    python prepare_data.py --dataset=text --input=books/ --input=notes.txt --tokenizer=bpe:4096
+    python prepare_data.py --help                             # every option, its default and type
+
+Options are --key=value, as for train.py, sample.py and bench.py (--key value works too, --force
+alone means --force=True, and --input is repeated for several inputs).
 
 Datasets:
   facts        (default) a synthetic world of invented countries and their capital, language,
@@ -33,7 +40,6 @@ Output: files are written under temporary names and renamed into place when comp
 last. meta.json records the inputs and a fingerprint of the data. A folder prepared from other
 inputs is never replaced silently: that is an error unless --force; the same inputs do nothing.
 """
-import argparse
 import base64
 import contextlib
 import hashlib
@@ -49,6 +55,8 @@ import sys
 import time
 import urllib.request
 from collections import Counter, defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import regex
@@ -65,11 +73,6 @@ GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{
 
 class DataError(Exception):
     """A problem with the user's inputs; main() prints it as one 'error: ...' line."""
-
-
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
 
 
 # ----------------------------------------------------------------------------- BPE tokenizer
@@ -609,7 +612,9 @@ def _working_facts_vocab(train_text, names, n, num_entities):
     # train one large vocabulary and try its prefixes.
     with contextlib.redirect_stdout(io.StringIO()):  # (it may stop early, and would say so)
         big = train_bpe(train_text, 2 * max(n, default_facts_vocab(num_entities)), progress=False)
-    for size in range(128 * (n // 128 + 1), len(big) + 2, 128):
+    # (a size past len(big) + 1 holds all of big: training stopped early, for want of pairs, and a
+    # bpe:N that large stops at the same place, so the first multiple of 128 beyond it is tried too)
+    for size in range(128 * (n // 128 + 1), len(big) + 129, 128):
         enc = make_encoding({b: r for b, r in big.items() if r < size - 1})
         if all(len(enc.encode_ordinary(" " + s)) == 1 for s in names):
             return size
@@ -823,30 +828,28 @@ def prepare(dataset="facts", input=None, tokenizer=None, out_dir=None, seed=1337
     return out_dir
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own errors also become one "error: ..." line, exit code 1
-        die(f"{message} (see python prepare_data.py --help)")
+@dataclass
+class PrepareConfig:
+    dataset: str = "facts"  # facts | shakespeare | text
+    input: list = field(default_factory=list)  # FILE or FOLDER of .txt files, repeatable (text: required; shakespeare: a local copy)
+    tokenizer: Optional[str] = None  # bpe:N, gpt2 or PATH.tiktoken (default: bpe:8192; a small N for facts)
+    out_dir: Optional[str] = None  # default data/<name>
+    seed: int = 1337  # facts: the world's seed
+    entities: Optional[int] = None  # facts: number of countries (default 100)
+    val_fraction: float = 0.1  # shakespeare/text: every 1/val_fraction-th document is validation (one document: its last part)
+    force: bool = False  # replace out_dir even if it holds data made from other inputs
 
 
 def main(argv=None):
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="facts", choices=["facts", "shakespeare", "text"])
-    p.add_argument("--input", action="append",
-                   help="a text file or a folder of .txt files, repeated for several "
-                        "(text: required; shakespeare: a local copy)")
-    p.add_argument("--tokenizer", help="bpe:N, gpt2 or PATH.tiktoken (default: bpe:8192; small N for facts)")
-    p.add_argument("--out_dir", help="default data/<name>")
-    p.add_argument("--seed", type=int, default=1337, help="facts: the world's seed")
-    p.add_argument("--entities", type=int, help=f"facts: number of countries (default {DEFAULT_ENTITIES})")
-    p.add_argument("--val_fraction", type=float, default=0.1,
-                   help="shakespeare/text: every 1/val_fraction-th document is validation "
-                        "(a single document: its last part)")
-    p.add_argument("--force", action="store_true", help="replace out_dir even if it holds data made from other inputs")
-    args = p.parse_args(argv)
+    # common is imported here, not at the top: it imports torch (over a second), which `import
+    # prepare_data` (the tests, train.py's helpers) does not need
+    from common import UserError, die, parse_config
+    cfg = PrepareConfig()
     try:
-        prepare(args.dataset, args.input, args.tokenizer, args.out_dir, args.seed, args.entities, args.val_fraction,
-                force=args.force)
-    except DataError as e:
+        parse_config(sys.argv[1:] if argv is None else argv, cfg, doc=__doc__)
+        prepare(cfg.dataset, cfg.input, cfg.tokenizer, cfg.out_dir, cfg.seed, cfg.entities, cfg.val_fraction,
+                force=cfg.force)
+    except (DataError, UserError) as e:
         die(str(e))
 
 
