@@ -88,9 +88,12 @@ def parse_config(argv, *configs, doc=None):
     items, args = [], list(argv)
     if args and not args[0].startswith("--"):
         path = args.pop(0)
-        if not path.endswith(".py") or not os.path.isfile(path):
+        if not os.path.isfile(path):
             raise UserError(f"preset file {path} not found (a preset is a .py file of plain assignments "
                             f"such as presets/shakespeare.py; options are written --key=value)")
+        if not path.endswith(".py"):
+            raise UserError(f"{path} is not a preset: a preset is a .py file of plain assignments such as "
+                            f"presets/shakespeare.py; options are written --key=value")
         try:
             body = ast.parse(open(path).read()).body
         except (SyntaxError, UnicodeDecodeError) as e:
@@ -110,7 +113,7 @@ def parse_config(argv, *configs, doc=None):
         if key in fields and not eq:  # --key value, or a bare --flag for booleans
             if fields[key][1].type is bool and (not args or args[0].startswith("--")):
                 value = "True"
-            elif args:
+            elif args and not args[0].startswith("--"):
                 value = args.pop(0)
             else:
                 raise UserError(f"--{key} needs a value: --{key}=VALUE")
@@ -187,7 +190,14 @@ def load_meta(data_dir):
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(path):
         name = os.path.basename(os.path.normpath(data_dir))
-        hint = "python prepare_data.py" if name == "facts" else f"python prepare_data.py --dataset {name} ..."
+        if name == "facts":
+            hint = "python prepare_data.py"
+        elif name.startswith("facts") and name[5:].isdigit():  # presets/facts400.py's data
+            hint = f"python prepare_data.py --entities={name[5:]} --out_dir={data_dir}"
+        elif name.startswith("shakespeare"):
+            hint = f"python prepare_data.py --dataset=shakespeare --tokenizer=gpt2 --out_dir={data_dir}"
+        else:
+            hint = f"python prepare_data.py --dataset=text --input=YOUR_TEXT --out_dir={data_dir}"
         raise UserError(f"no prepared data in {data_dir} (meta.json missing): run `{hint}` first, "
                         f"or point --data_dir at a prepared folder")
     with open(path) as f:
@@ -286,8 +296,8 @@ def check_provenance(ckpt, meta, data_dir, path, key="fingerprint"):
     if saved[key] != meta[key]:
         what = "data" if key == "fingerprint" else "tokenizer"
         raise UserError(f"{path} was trained on {saved['data_dir']} ({what} {key} {saved[key][:16]}), but "
-                        f"{data_dir} now holds {key} {meta[key][:16]}: it was prepared again with other inputs "
-                        f"since. Prepare the original data again (see its meta.json), or point --data_dir at it")
+                        f"{data_dir} holds {key} {meta[key][:16]} (another folder, or prepared again since): "
+                        f"point --data_dir at the original data, or prepare it again (see the checkpoint's config)")
 
 
 class RunLock:

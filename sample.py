@@ -10,7 +10,13 @@ Knowledge editing (STEM paper, s. 5): the text stays the same, but at the positi
 tokens every STEM layer looks up Target's rows. When the two differ in token count, --edit_align
 says how to line them up: left_pad (Target right-aligned over Source, spare positions get the
 end-of-text row), copy (Target's tokens stretched over Source's positions) or average (every
-Source position gets the mean of Target's rows).
+Source position gets the mean of Target's rows). A Target of more tokens than Source fits only
+with average: left_pad and copy would drop some of its tokens, so they refuse it.
+
+A sample ends at the first end-of-text token the model writes (--stop_at_eot=False prints on to
+max_new_tokens). A prompt longer than the model's block_size is cut to its last block_size tokens,
+with a note saying so. The tokenizer comes from --data_dir (default: the data the checkpoint was
+trained on); one whose hash differs from the checkpoint's record is refused.
 """
 
 import json
@@ -22,19 +28,20 @@ from typing import Optional
 import torch
 
 import prepare_data
-from common import (UserError, die, edit_probes, fact_recall, load_checkpoint, model_from_checkpoint, parse_config,
-                   resolve_device)
+from common import (UserError, check_provenance, die, edit_probes, fact_recall, load_checkpoint, load_meta,
+                    model_from_checkpoint, parse_config, require, resolve_device)
 
 
 @dataclass
 class SampleConfig:
     out_dir: str = "out"  # where ckpt.pt is
     data_dir: Optional[str] = None  # tokenizer and facts.json; None = the checkpoint's training data
-    start: str = ""  # prompt text, or FILE:path; "" starts from the end-of-text token
+    start: str = ""  # prompt text, or FILE:path (UTF-8); "" starts from the end-of-text token
     num_samples: int = 2
-    max_new_tokens: int = 60
-    temperature: float = 0.8
-    top_k: Optional[int] = 200
+    max_new_tokens: int = 60  # 0 prints the prompt only
+    temperature: float = 0.8  # 0 is greedy
+    top_k: Optional[int] = 200  # sample among the k likeliest tokens; None = all
+    stop_at_eot: bool = True  # a sample ends at the first end-of-text token the model writes (end of document)
     greedy: bool = False  # argmax decoding (temperature 0)
     seed: int = 1337
     device: str = "auto"
@@ -43,8 +50,54 @@ class SampleConfig:
     edit_align: str = "left_pad"  # left_pad | copy | average, when Source and Target token counts differ
     eval_facts: bool = False  # print fact recall on the facts probes and exit
     offload: bool = False  # STEM tables stay in host memory; rows are fetched per chunk / per token
-    offload_cache_rows: int = 4096  # GPU rows cache for decoding with --offload (LFU)
+    offload_cache_rows: int = 4096  # GPU rows cache for decoding with --offload (LFU); 0 = none, host reads every step
     prefill_chunk: Optional[int] = None  # run the prompt in pieces of this many tokens (offload prefetches the next)
+
+
+def check_config(sc):
+    """Every value in range before the checkpoint is read: one error line otherwise."""
+    require(sc.num_samples >= 1, f"num_samples={sc.num_samples} must be at least 1")
+    require(sc.max_new_tokens >= 0, f"max_new_tokens={sc.max_new_tokens} must be 0 or more (0 prints the prompt only)")
+    require(sc.temperature >= 0, f"temperature={sc.temperature} must be 0 or more (0 is greedy, as --greedy)")
+    require(sc.top_k is None or sc.top_k >= 1, f"top_k={sc.top_k} must be at least 1, or None for no cut")
+    require(sc.offload_cache_rows >= 0, f"offload_cache_rows={sc.offload_cache_rows} must be 0 (no cache) or more")
+    require(sc.prefill_chunk is None or sc.prefill_chunk >= 1,
+            f"prefill_chunk={sc.prefill_chunk} must be at least 1, or None for the whole prompt at once")
+    require(sc.edit_align in ("left_pad", "copy", "average"),
+            f"edit_align={sc.edit_align!r} is not one of left_pad, copy, average")
+    for e in sc.edit:
+        parse_edit(e)
+
+
+def parse_edit(e):
+    """"Source=Target" -> (source, target), or one line saying what is wrong with it."""
+    src, eq, tgt = e.partition("=")
+    if not eq or not src.strip() or not tgt.strip() or "=" in tgt:
+        raise UserError(f"--edit {e!r} is not Source=Target (one '=', text on both sides), "
+                        f"e.g. --edit \"Velmora=Korvath\"; repeat --edit for more than one")
+    return src.strip(), tgt.strip()
+
+
+def read_prompt(start):
+    """The prompt text: --start itself, or the contents of the file after FILE:."""
+    if not start.startswith("FILE:"):
+        return start
+    path = start[5:]
+    if not os.path.isfile(path):
+        raise UserError(f"--start=FILE:{path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"--start=FILE:{path} is not UTF-8 text (byte {e.start} cannot be decoded): "
+                        f"save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"--start=FILE:{path}: cannot read it ({e.strerror})") from None
+
+
+def until_eot(tokens, eot_id):
+    """The tokens before the first end-of-text: the model ended the document there."""
+    return tokens[:tokens.index(eot_id)] if eot_id in tokens else tokens
 
 
 def find_tokens(enc, ids, word):
@@ -58,21 +111,22 @@ def find_tokens(enc, ids, word):
     return None, [], None
 
 
-def plan_edits(enc, ids, edits, align, eot_id):
+def plan_edits(enc, ids, edits, align, eot_id, where="the prompt"):
     """-> (stem_ids, averaged): stem_ids is the prompt's lookup id stream with the edits applied
     (left_pad, copy); averaged lists (positions, target ids) whose rows are replaced by the mean of
     the target rows (average)."""
     stem_ids, averaged = list(ids), []
     for e in edits:
-        src, eq, tgt = e.partition("=")
-        if not eq or not src.strip() or not tgt.strip():
-            raise UserError(f"--edit {e!r} is not Source=Target, e.g. --edit \"Velmora=Korvath\"")
-        src, tgt = src.strip(), tgt.strip()
+        src, tgt = parse_edit(e)
         s_toks, starts, form = find_tokens(enc, ids, src)
         if not starts:
-            raise UserError(f"--edit {e}: {src!r} does not occur in the prompt; put it in --start or fix the spelling")
+            raise UserError(f"--edit {e}: {src!r} does not occur in {where}; put it in --start or fix the spelling")
         t_toks = enc.encode(form[:len(form) - len(src)] + tgt)  # the same leading-space form as Source
         ns, nt = len(s_toks), len(t_toks)
+        if nt > ns and align != "average":  # Source's positions cannot hold every Target token
+            raise UserError(f"--edit {e}: Target is {nt} tokens and Source {ns}, so --edit_align={align} would drop "
+                            f"{nt - ns} of Target's tokens: use --edit_align=average (each Source position gets "
+                            f"the mean of Target's rows) or a shorter Target")
         for s in starts:
             if align == "average":
                 averaged.append((list(range(s, s + ns)), t_toks))
@@ -106,11 +160,18 @@ def averaged_stem_fn(model, averaged, prompt_len):
 def main(argv=None):
     sc = SampleConfig()
     parse_config(sys.argv[1:] if argv is None else argv, sc, doc=__doc__)
-    if sc.edit_align not in ("left_pad", "copy", "average"):
-        raise UserError(f"edit_align={sc.edit_align!r} is not one of left_pad, copy, average")
+    check_config(sc)
+    start = read_prompt(sc.start)
     device, dtype, ctx, note = resolve_device(sc.device, sc.dtype)
     ckpt_path = os.path.join(sc.out_dir, "ckpt.pt")
     ckpt = load_checkpoint(ckpt_path)
+    # the tokenizer must be the one the model was trained with: a folder prepared again since may hold another
+    data_dir = sc.data_dir or ckpt["config"]["train"]["data_dir"]
+    check_provenance(ckpt, load_meta(data_dir), data_dir, ckpt_path, key="tokenizer_sha256")
+    try:
+        enc = prepare_data.load_tokenizer(data_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"tokenizer not usable: {e}") from None
     model = model_from_checkpoint(ckpt, ckpt_path).eval()  # on the CPU until the tables are placed
     engine, stem_fn = None, None
     if sc.offload:
@@ -121,11 +182,6 @@ def main(argv=None):
             raise UserError(str(e)) from None
         stem_fn = engine.stem_fn
     model.to(device)
-    data_dir = sc.data_dir or ckpt["config"]["train"]["data_dir"]
-    try:
-        enc = prepare_data.load_tokenizer(data_dir)
-    except FileNotFoundError as e:
-        raise UserError(f"tokenizer not found: {e}") from None
     print(f"{note}; checkpoint {ckpt_path} (step {ckpt['iter']}, STEM layers {model.stem_layers or 'none'})")
 
     if sc.eval_facts:
@@ -144,12 +200,6 @@ def main(argv=None):
         report_cache(engine)
         return
 
-    start = sc.start
-    if start.startswith("FILE:"):
-        path = start[5:]
-        if not os.path.isfile(path):
-            raise UserError(f"--start=FILE:{path}: no such file")
-        start = open(path, encoding="utf-8").read()
     ids = enc.encode(start, allowed_special={"<|endoftext|>"}) if start else [enc.eot_token]
     if max(ids) >= model.cfg.vocab_size:
         raise UserError(f"the prompt encodes to id {max(ids)}, outside the model's vocabulary of "
@@ -159,7 +209,11 @@ def main(argv=None):
                         "or use --edit_align=left_pad|copy")
     if sc.edit and not model.stem_layers:
         raise UserError(f"--edit needs STEM layers, and {ckpt_path} is a ffn={model.cfg.ffn} model without any")
-    stem_ids, averaged = plan_edits(enc, ids, sc.edit, sc.edit_align, enc.eot_token)
+    where, bs = "the prompt", model.cfg.block_size
+    if len(ids) > bs:  # the model sees at most block_size tokens: keep the end of the prompt, and say so
+        print(f"note: the prompt is longer than the model's block_size: kept its last {bs} tokens of {len(ids)}")
+        ids, where = ids[-bs:], f"the last {bs} tokens of the prompt (the part the model sees)"
+    stem_ids, averaged = plan_edits(enc, ids, sc.edit, sc.edit_align, enc.eot_token, where)
 
     x = torch.tensor([ids] * sc.num_samples, device=device)
     temperature = 0.0 if sc.greedy else sc.temperature
@@ -178,7 +232,10 @@ def main(argv=None):
             y = model.generate(x, sc.max_new_tokens, temperature=temperature, top_k=sc.top_k, stem_ids=s_ids,
                                stem_fn=fn, generator=gen, prefill_chunk=sc.prefill_chunk)
         for row in y.tolist():
-            print(enc.decode(row[len(ids):] if not start else row))
+            new = row[len(ids):]
+            if sc.stop_at_eot:  # generate() runs on to max_new_tokens; what follows an end-of-text is dropped
+                new = until_eot(new, enc.eot_token)
+            print(enc.decode((ids if start else []) + new))
             print("---")
     report_cache(engine)
 

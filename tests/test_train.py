@@ -159,7 +159,7 @@ def test_bad_sample_inputs(trained, facts, tmp_path):
     sw = str(tmp_path / "sw")
     run("train.py", f"--data_dir={small}", f"--out_dir={sw}", "--max_iters=1", "--eval_interval=1", "--ffn=swiglu", *TINY)
     assert_user_error(run("sample.py", f"--out_dir={sw}", f"--data_dir={large}", "--start=the quick brown fox", ok=False),
-                      "outside the model's vocabulary")
+                      "tokenizer_sha256", "another folder, or prepared again")
     assert_user_error(run("sample.py", f"--out_dir={sw}", "--start=the fox", "--edit", "fox=dog", ok=False),
                       "needs STEM layers")
 
