@@ -9,7 +9,9 @@ deletes the up-projection in chosen layers and looks up a per-layer table row by
 input token id instead. In the forward pass the change is the `STEM` class below (next to
 `SwiGLU`) and the one line in `Block.__init__` that picks between them; besides that, the tables
 get their own initialisation (`reset_parameters`) and their own optimizer (tables.py). Token-indexed per-layer tables were already used
-as "value embeddings" in modded-nanogpt (Keller Jordan et al., 2024).
+as "value embeddings" in modded-nanogpt (Keller Jordan et al., 2024). The paper's ablations (the
+table in place of the gate, the table added to a kept up-projection, a hash-routed MoE) follow the
+two FFNs, for comparison only (--ffn=stem_gate, stem_add, hash_moe).
 
 Read top to bottom: norm -> rotary -> attention -> FFNs -> block -> config -> GPT -> optimizer.
 """
@@ -108,13 +110,80 @@ class STEM(nn.Module):
         return self.down(F.silu(self.gate(x)) * u.to(x.dtype))
 
 
+# -----------------------------------------------------------------------------
+# the paper's ablations (--ffn=stem_gate, stem_add, hash_moe), for comparison only: each replaces
+# STEM in the same layers (stem_layers). The two table variants hold a `table` like STEM's, found,
+# initialised, optimised and offloaded the same way (tables.py, offload.py).
+
+
+class STEMGate(nn.Module):
+    # the table replaces the gate projection instead of the up-projection:
+    # y = W_down(silu(U_l[t]) * (W_up x)). Reported worse than dense.
+    def __init__(self, cfg):
+        super().__init__()
+        self.up = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
+        self.down = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=False)
+        self.table = nn.Parameter(torch.empty(cfg.vocab_size, cfg.ffn_hidden))  # (V, ffn), as STEM's
+
+    def forward(self, x, ids, table=None):
+        u = F.embedding(ids, self.table if table is None else table)  # ids, table: as in STEM
+        return self.down(F.silu(u.to(x.dtype)) * self.up(x))
+
+
+class STEMAdd(nn.Module):
+    # the up-projection is kept and the row is added to it: y = W_down(silu(W_gate x) * (W_up x + U_l[t])).
+    # More parameters and FLOPs than STEM, reported no better. The table has STEM's xavier-normal init,
+    # not zeros, so that it differs from STEM in one thing only; its rows (std sqrt(2 / (V + ffn)))
+    # are already small next to W_up x (std about 1), so the layer starts close to SwiGLU either way.
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
+        self.up = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
+        self.down = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=False)
+        self.table = nn.Parameter(torch.empty(cfg.vocab_size, cfg.ffn_hidden))
+
+    def forward(self, x, ids, table=None):
+        u = F.embedding(ids, self.table if table is None else table)
+        return self.down(F.silu(self.gate(x)) * (self.up(x) + u.to(x.dtype)))
+
+
+HASH_SEED = 1234  # fixes HashMoE's id -> expert map
+
+
+class HashMoE(nn.Module):
+    # hash-routed mixture of experts (Roller et al. 2021, "Hash Layers"): moe_experts SwiGLU experts,
+    # each token runs the one (top-1) that a fixed random hash of its id picks: SwiGLU's FLOPs per
+    # token, moe_experts times its weights. No table: routed by `ids`, the token ids (stem_ids when
+    # GPT.forward is given them; tables.py never hands this layer an inverse index, it has no table).
+    def __init__(self, cfg):
+        super().__init__()
+        self.experts = nn.ModuleList(SwiGLU(cfg) for _ in range(cfg.moe_experts))
+        # id -> expert: a seeded random map, not id % E, so that the frequent ids (BPE's small ids)
+        # spread over the experts. The same map in every layer. A persistent buffer: a checkpoint
+        # carries its own routing, so it loads with the map it was trained with even if the recipe
+        # (seed, torch's generator) ever changes. Not a parameter: not trained, not counted.
+        g = torch.Generator().manual_seed(HASH_SEED)
+        self.register_buffer("expert_of", torch.randint(cfg.moe_experts, (cfg.vocab_size,), generator=g))
+
+    def forward(self, x, ids, table=None):
+        e = self.expert_of[ids]  # (B, T): the expert of each position
+        y = torch.zeros_like(x)
+        for k, expert in enumerate(self.experts):  # plain and correct, not fast: one masked pass per expert
+            at = e == k
+            y[at] = expert(x[at], None).to(y.dtype)
+        return y
+
+
+FFNS = dict(swiglu=SwiGLU, stem=STEM, stem_gate=STEMGate, stem_add=STEMAdd, hash_moe=HashMoE)  # --ffn values
+
+
 class Block(nn.Module):
-    def __init__(self, cfg, use_stem):
+    def __init__(self, cfg, ffn="swiglu"):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.ffn = STEM(cfg) if use_stem else SwiGLU(cfg)  # <- the STEM switch
+        self.ffn = FFNS[ffn](cfg)  # <- the STEM switch: "stem" in the STEM layers, "swiglu" elsewhere
 
     def forward(self, x, cos, sin, ids, table=None, cache=None, pos=0):
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, pos)
@@ -133,19 +202,22 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 128
     ffn_hidden: int = 512  # SwiGLU inner width, and the row width of every STEM table
-    ffn: str = "stem"  # "stem" or "swiglu" (then there are no STEM layers)
+    ffn: str = "stem"  # "stem" or "swiglu" (then there are no STEM layers); ablations: stem_gate, stem_add, hash_moe
     stem_layers: str = "all"  # "third" (1,4,7..), "half" (odd), "all" (all but 0: authors' default), or "1,4,7"
+    # (the layers of any ffn but swiglu, ablations included; the other layers are SwiGLU)
+    moe_experts: int = 16  # ffn=hash_moe only: SwiGLU experts per layer, one runs per token (the paper: 16)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False  # the paper unties input and output embeddings
 
 
 def parse_stem_layers(spec, n_layer, ffn="stem"):
-    """Which layer indices are STEM layers, as a sorted list. Raises ValueError on a bad spec."""
+    """Which layer indices are STEM layers (or the ablation's layers, for another ffn than swiglu), as
+    a sorted list. Raises ValueError on a bad spec."""
     if ffn == "swiglu":
         return []
-    if ffn != "stem":
-        raise ValueError(f"ffn={ffn!r} is not one of 'stem', 'swiglu'")
+    if ffn not in FFNS:
+        raise ValueError(f"ffn={ffn!r} is not one of {', '.join(map(repr, FFNS))}")
     named = {"third": range(1, n_layer, 3), "half": range(1, n_layer, 2), "all": range(1, n_layer)}
     if spec in named:
         return list(named[spec])
@@ -167,9 +239,12 @@ class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.stem_layers = parse_stem_layers(cfg.stem_layers, cfg.n_layer, cfg.ffn)
+        self.ffn_layers = parse_stem_layers(cfg.stem_layers, cfg.n_layer, cfg.ffn)  # cfg.ffn's layers
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList([Block(cfg, i in self.stem_layers) for i in range(cfg.n_layer)])
+        self.blocks = nn.ModuleList([Block(cfg, cfg.ffn if i in self.ffn_layers else "swiglu")
+                                     for i in range(cfg.n_layer)])
+        # the layers with a table (STEM's, or an ablation's): what stem_ids/stem_tables and tables.py address
+        self.stem_layers = [i for i in self.ffn_layers if hasattr(self.blocks[i].ffn, "table")]
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -224,7 +299,8 @@ class GPT(nn.Module):
     # ---- accounting -------------------------------------------------------------------------
 
     def param_counts(self):
-        """Parameter breakdown; the first five entries sum exactly to the module's parameter count."""
+        """Parameter breakdown; the first five entries sum exactly to the module's parameter count.
+        A hash-MoE model also has `experts_idle`: the expert weights (within matmul) a token does not run."""
         c = dict(embedding=0, head=0, tables=0, matmul=0, norms=0)
         for name, p in self.named_parameters():  # tied weights are listed once
             if name == "wte.weight":
@@ -239,18 +315,23 @@ class GPT(nn.Module):
                 c["matmul"] += p.numel()
         c["total"] = sum(c.values())
         # the paper's convention (s. 4): active per token = everything but the tables (one row
-        # per table is read per token, a lookup, not a matmul)
-        c["active"] = c["total"] - c["tables"]
+        # per table is read per token, a lookup, not a matmul), and for hash-MoE one expert of each layer
+        idle = sum(p.numel() for b in self.blocks if isinstance(b.ffn, HashMoE)
+                   for e in b.ffn.experts[1:] for p in e.parameters())
+        if idle:
+            c["experts_idle"] = idle
+        c["active"] = c["total"] - c["tables"] - idle
         return c
 
     def flops_per_token(self, T=None):
         """Forward FLOPs per token: 2 per matmul weight (the blocks and the output head) plus the
         attention scores and weighted sum over a context of T (default block_size), counted over the
-        full T x T square as nanoGPT/PaLM do. Embeddings and STEM tables are lookups: 0 FLOPs.
-        Training costs three times this (forward + backward)."""
+        full T x T square as nanoGPT/PaLM do. Embeddings and STEM tables are lookups: 0 FLOPs; a
+        hash-MoE layer runs one expert per token. Training costs three times this (forward + backward)."""
         T = T or self.cfg.block_size
         head = self.cfg.vocab_size * self.cfg.n_embd  # a tied head still does its matmul
-        return 2 * (self.param_counts()["matmul"] + head) + 4 * self.cfg.n_layer * T * self.cfg.n_embd
+        c = self.param_counts()
+        return 2 * (c["matmul"] - c.get("experts_idle", 0) + head) + 4 * self.cfg.n_layer * T * self.cfg.n_embd
 
     # ---- generation -------------------------------------------------------------------------
 
