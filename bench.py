@@ -9,8 +9,11 @@ Measure STEM against SwiGLU, resident against offloaded: speed, memory, and the 
 
 Each mode prints a header (device, dtype, torch, config), a table, and as its last line one JSON
 object holding every figure. Timings: burn_in steps, then `steps` timed steps, synchronised on CUDA;
-variants are timed side by side in one process and reported as ratios. Memory in `train` mode is
-the peak CUDA allocation, or on the CPU the peak RSS of a child process per variant.
+variants are timed side by side in one run and reported as ratios (ffn, offload, decode: in one
+process; train: a child process per variant, round-robin over --repeats, so that each variant's
+memory is its own). Memory in `train` mode is the peak CUDA allocation, or on the CPU the peak RSS
+of the variant's process. Plots go to --plot_dir (default out/bench, outside git); the README's
+figures were written with --plot_dir=assets.
 """
 
 import json
@@ -27,8 +30,10 @@ import torch
 
 from model import GPT, GPTConfig, STEM, SwiGLU, configure_optimizer
 from tables import ResidentTables
-from common import Batches, UserError, die, edit_probes, fact_recall, load_meta, parse_config, resolve_device
+from common import (Batches, UserError, check_model_config, die, edit_probes, fact_recall, load_meta, parse_config,
+                    require, resolve_device)
 
+MODES = ("ffn", "train", "offload", "decode", "quality")
 # dense bf16 peak of known GPUs (FLOP/s), for MFU; others: pass --peak_flops
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
 
@@ -56,7 +61,7 @@ class BenchConfig:
     shared_fraction: float = 0.45  # offload mode: with --unique_ids, the fraction of K the previous step shares
     host_gbps: float = 60.0  # offload mode: host memory bandwidth of a GPU server, for the step model
     host_threads: Optional[int] = None  # offload mode: RowAdamW threads; None = min(8, cores)
-    plot_dir: str = "assets"  # where PNGs go
+    plot_dir: str = "out/bench"  # where PNGs go (the README's are in assets/: pass --plot_dir=assets to redo them)
     variant: str = ""  # internal: train mode runs each variant in a child process
 
 
@@ -447,11 +452,12 @@ def bench_offload(bc, mc, device, argv):
 
 def bench_decode(bc, mc, device, ctx):
     import offload
-    from train import load_checkpoint, model_from_checkpoint
+    from common import check_provenance, load_checkpoint, model_from_checkpoint
     torch.manual_seed(0)
     if bc.ckpt:
         ckpt = load_checkpoint(bc.ckpt)
         model, bc.data_dir = model_from_checkpoint(ckpt, bc.ckpt), ckpt["config"]["train"]["data_dir"]
+        check_provenance(ckpt, load_meta(bc.data_dir), bc.data_dir, bc.ckpt)  # its prompts come from its own data
         mc = model.cfg
         print("# decode model: " + bc.ckpt + " (" + ", ".join(f"{k}={v}" for k, v in asdict(mc).items()) + ")")
     else:
@@ -590,11 +596,30 @@ def bench_quality(bc):
     return {"quality": out}
 
 
+def check_config(bc, mc):
+    """Every value in range before anything is measured or written: one error line otherwise."""
+    require(bc.mode in MODES, f"mode={bc.mode!r} is not one of {', '.join(MODES)}")
+    for k in ("batch_size", "steps", "repeats", "decode_tokens", "table_vocab"):
+        require(getattr(bc, k) >= 1, f"{k}={getattr(bc, k)} must be at least 1")
+    require(bc.burn_in >= 0 and bc.unique_ids >= 0, "burn_in and unique_ids must be 0 or more")
+    require(0 <= bc.shared_fraction <= 1, f"shared_fraction={bc.shared_fraction} must be in [0, 1]")
+    require(bc.host_gbps > 0, f"host_gbps={bc.host_gbps} must be positive")
+    require(bc.host_threads is None or bc.host_threads >= 1, f"host_threads={bc.host_threads} must be at least 1")
+    require(bc.peak_flops is None or bc.peak_flops > 0, f"peak_flops={bc.peak_flops} must be positive")
+    for key, spec, n in (("shapes", bc.shapes, 3), ("cache_sizes", bc.cache_sizes, 1)):
+        parts = [p.split("x") for p in spec.split(",")]
+        require(all(len(p) == n and all(v.isdigit() and int(v) > 0 for v in p) for p in parts),
+                f"{key}={spec!r} is not a comma-separated list of " + ("ExFxN shapes (n_embd x ffn_hidden x tokens), "
+                "e.g. 128x512x4096" if n == 3 else "positive row counts, e.g. 16,64,256"))
+    if os.path.exists(bc.plot_dir) and not os.path.isdir(bc.plot_dir):
+        raise UserError(f"plot_dir={bc.plot_dir} is a file, not a folder: choose another --plot_dir")
+    check_model_config(mc)
+
+
 def main(argv):
     bc, mc = BenchConfig(), GPTConfig()
     parse_config(argv, bc, mc, doc=__doc__)
-    if bc.mode not in ("ffn", "train", "offload", "decode", "quality"):
-        raise UserError(f"mode={bc.mode!r} is not one of ffn, train, offload, decode, quality")
+    check_config(bc, mc)
     if bc.mode == "quality":
         header(bc, None, None, None, "summary of saved runs")
         res = bench_quality(bc)

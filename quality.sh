@@ -29,4 +29,4 @@ for ds in $DATASETS; do
     done
   done
 done
-python bench.py --mode quality --runs runs
+python bench.py --mode quality --runs runs --plot_dir=assets  # the README's plots

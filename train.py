@@ -196,6 +196,38 @@ def start_processes(tc):
     return True, rank, world
 
 
+class Progress:
+    """Log lines and metrics.jsonl rows. Steps are kept as device tensors and read once per log line,
+    so the GPU is never made to wait per step; dt is the mean over the steps since the last line."""
+
+    def __init__(self, path, master, tokens_per_step, max_iters):
+        self.path, self.master, self.tokens_per_step, self.max_iters = path, master, tokens_per_step, max_iters
+        self.steps = []  # (iter, lr, tokens, tensor[loss, grad norm, table grad norm])
+        self.t_start = self.t_last = time.time()
+        self.dt_avg = None  # smoothed seconds per step: tok/s and the ETA
+
+    def write(self, row):
+        if self.master:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def step(self, it, lr, tokens, loss, gnorm, tnorm):
+        self.steps.append((it, lr, tokens, torch.stack([loss.detach().float(), gnorm.float(), tnorm.float()])))
+
+    def flush(self):
+        values = torch.stack([v for *_, v in self.steps]).tolist()  # the one device read
+        dt = (time.time() - self.t_last) / len(self.steps)
+        self.dt_avg = dt if self.dt_avg is None else 0.7 * self.dt_avg + 0.3 * dt
+        for (it, lr, tokens, _), (loss, gn, tn) in zip(self.steps, values):
+            self.write(dict(kind="train", iter=it, loss=loss, lr=lr, grad_norm=gn, table_grad_norm=tn,
+                            dt_ms=dt * 1000, tok_per_s=self.tokens_per_step / dt, tokens=tokens))
+        if self.master:
+            print(f"step {it:5d} | loss {loss:.4f} | lr {lr:.2e} | grad norm {gn:.2f} (tables {tn:.2f}) "
+                  f"| dt {dt * 1000:.0f} ms | {self.tokens_per_step / self.dt_avg:,.0f} tok/s "
+                  f"| {clock(time.time() - self.t_start)} elapsed, ETA {clock((self.max_iters - it) * self.dt_avg)}")
+        self.steps, self.t_last = [], time.time()
+
+
 def train(tc, mc, keys_set, argv):
     # ---- processes, device, data, model, tables, optimizers
     ddp, rank, world = start_processes(tc)
@@ -227,11 +259,7 @@ def train(tc, mc, keys_set, argv):
     probes, enc = load_probes(tc, meta) if master else (None, None)  # for the fact recall metric
     if master:  # metrics.jsonl is truncated to the resumed step so that it tells one story
         truncate_jsonl(paths["metrics"], state["iter"])
-
-    def write_metrics(row):
-        if master:
-            with open(paths["metrics"], "a") as f:
-                f.write(json.dumps(row) + "\n")
+    progress = Progress(paths["metrics"], master, tokens_per_step, tc.max_iters)
 
     def evaluate_and_save():
         log(f"evaluating at step {state['iter']} ({tc.eval_iters} batches per split"
@@ -245,7 +273,7 @@ def train(tc, mc, keys_set, argv):
             row.update(rec)
             msg += f" | recall {rec['recall']:.3f} (" + ", ".join(f"{k} {v:.2f}" for k, v in rec.items() if k != "recall") + ")"
         log(msg)
-        write_metrics(row)
+        progress.write(row)
         improved = losses["val"] < state["best_val_loss"]
         if improved:
             state.update(best_val_loss=losses["val"], best_iter=state["iter"])
@@ -270,9 +298,6 @@ def train(tc, mc, keys_set, argv):
 
     # ---- the loop
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    logged = []  # (iter, lr, [loss, grad norm, table grad norm]) as tensors: read at log time, one sync per log line
-    t_start = t_log = time.time()
-    dt_avg = None  # smoothed seconds per step, for tok/s and the ETA
     try:
         if state["iter"] == 0 and master:
             evaluate_and_save()
@@ -300,24 +325,13 @@ def train(tc, mc, keys_set, argv):
             state["iter"] += 1
             state["tokens"] += tokens_per_step
             it = state["iter"]
-            logged.append((it, lr, torch.stack([loss.detach().float(), gnorm.float(), tnorm.float()])))
+            progress.step(it, lr, state["tokens"], loss, gnorm, tnorm)  # no device read here: the GPU runs ahead
             evaluating = (it % tc.eval_interval == 0 or it == tc.max_iters) and master
             if it % tc.log_interval == 0 or it == 1 or evaluating:
-                # no device synchronize per step: the GPU runs ahead, and the time per step is the
-                # mean over the steps since the last log line, read once here
-                values = torch.stack([v for _, _, v in logged]).tolist()
-                dt = (time.time() - t_log) / len(logged)
-                dt_avg = dt if dt_avg is None else 0.7 * dt_avg + 0.3 * dt
-                for (i, lr_, _), (lossf, gn, tn) in zip(logged, values):
-                    write_metrics(dict(kind="train", iter=i, loss=lossf, lr=lr_, grad_norm=gn, table_grad_norm=tn,
-                                       dt_ms=dt * 1000, tok_per_s=tokens_per_step / dt, tokens=state["tokens"]))
-                log(f"step {it:5d} | loss {lossf:.4f} | lr {lr:.2e} | grad norm {gn:.2f} (tables {tn:.2f}) "
-                    f"| dt {dt * 1000:.0f} ms | {tokens_per_step / dt_avg:,.0f} tok/s | {clock(time.time() - t_start)} "
-                    f"elapsed, ETA {clock((tc.max_iters - it) * dt_avg)}")
-                logged, t_log = [], time.time()
+                progress.flush()
             if evaluating:
                 evaluate_and_save()
-                t_log = time.time()  # evaluation time is not step time
+                progress.t_last = time.time()  # evaluation time is not step time
     except KeyboardInterrupt:
         args = [a for a in argv if not a.startswith("--init_from")]
         log(f"\ninterrupted at step {state['iter']}: " + (f"{paths['ckpt']} holds step {saved[0]}; continue with: "

@@ -1,0 +1,212 @@
+"""Nothing lost, nothing silent (train.py and bench.py): each test is a row of the bad-input table in
+the README. Bad input gets one `error:` line and exit code 1, and the files already there are unchanged."""
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, assert_user_error, run
+
+
+def snapshot(folder):
+    """Every file's bytes, to show that a refused command changed nothing."""
+    return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))}
+
+
+def train_main(capsys, *args):
+    """train.main in-process (no interpreter start per case); returns (exit code, stdout, stderr)."""
+    import train
+    with pytest.raises(SystemExit) as e:
+        train.main(list(args))
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+# ---- runs are never overwritten -------------------------------------------------------------------
+
+def test_fresh_start_over_a_checkpoint_is_refused(trained, facts):
+    out, _ = trained
+    before = snapshot(out)
+    p = run("train.py", f"--data_dir={facts}", f"--out_dir={out}", *TINY, ok=False)
+    assert_user_error(p, "ckpt.pt exists", "--init_from=resume", "another --out_dir")
+    assert snapshot(out) == before
+
+
+def test_a_busy_out_dir_is_refused_and_a_dead_runs_lock_taken_over(facts, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / "train.lock"
+    lock.write_text(f"{socket.gethostname()} {os.getpid()} 2026-12-02 10:00:00")  # this test process: alive
+    args = [f"--data_dir={facts}", f"--out_dir={out}", "--max_iters=1", "--eval_interval=1", "--eval_facts=False", *TINY]
+    assert_user_error(run("train.py", *args, ok=False), "in use by another training run", "another --out_dir")
+    assert os.listdir(out) == ["train.lock"]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(f"{socket.gethostname()} {dead.stdout.strip()} 2026-12-02 10:00:00")  # a crashed run's lock
+    p = run("train.py", *args)
+    assert "taking over" in p.stdout and not lock.exists()
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 1
+
+
+def test_resume_refuses_data_prepared_again(trained, facts, tmp_path):
+    out, _ = trained
+    copy = str(tmp_path / "facts")
+    shutil.copytree(facts, copy)
+    meta = json.load(open(os.path.join(copy, "meta.json")))
+    meta["fingerprint"] = "0123456789abcdef"  # as if prepare_data.py --force had replaced it with other inputs
+    json.dump(meta, open(os.path.join(copy, "meta.json"), "w"))
+    before = snapshot(out)
+    p = run("train.py", f"--data_dir={copy}", f"--out_dir={out}", "--init_from=resume", "--max_iters=8", *TINY, ok=False)
+    assert_user_error(p, "was trained on", "0123456789abcdef")
+    assert snapshot(out) == before
+
+
+def test_resume_lists_changed_keys_and_counts_tokens_on(trained, facts, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(trained[0], out)
+    args = [a for a in TINY if not a.startswith("--batch_size")]
+    p = run("train.py", f"--data_dir={facts}", f"--out_dir={out}", "--init_from=resume", "--max_iters=8",
+            "--eval_interval=3", "--batch_size=2", *args)
+    assert "resuming with changed training keys: batch_size 4 -> 2, max_iters 6 -> 8" in p.stdout
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    tokens = [r["tokens"] for r in rows if r["kind"] == "train"]
+    assert tokens == sorted(tokens) and tokens[-1] == 6 * 4 * 32 + 2 * 2 * 32  # by hand: steps x batch x block
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["tokens"] == tokens[-1]
+
+
+# ---- every value checked before any work ----------------------------------------------------------
+
+BAD = [(["--batch_size=0"], "batch_size=0 must be at least 1"), (["--batch_size=-1"], "batch_size=-1"),
+       (["--grad_accum=0"], "grad_accum=0"), (["--eval_iters=0"], "eval_iters=0"), (["--log_interval=0"], "log_interval"),
+       (["--eval_interval=0"], "eval_interval=0"), (["--n_head=0"], "n_head=0"), (["--ffn_hidden=0"], "ffn_hidden=0"),
+       (["--n_embd=100", "--n_head=3"], "not divisible by n_head=3"), (["--n_embd=132", "--n_head=4"], "is odd"),
+       (["--learning_rate=-1"], "learning_rate=-1.0 must be positive"), (["--block_size=0"], "block_size=0"),
+       (["--max_iters=-5"], "max_iters"), (["--min_lr=1"], "min_lr"), (["--grad_clip=0"], "grad_clip")]
+
+
+@pytest.mark.parametrize("args,needle", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_values_one_line_nothing_written(capsys, tmp_path, args, needle):
+    out = tmp_path / "run"
+    code, _, err = train_main(capsys, f"--out_dir={out}", *args)
+    assert code == 1 and err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
+    assert not out.exists()
+
+
+def test_out_dir_that_is_a_file_or_unwritable(capsys, tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    code, _, err = train_main(capsys, f"--out_dir={f}")
+    assert code == 1 and "is a file, not a folder" in err and err.count("\n") == 1
+    assert f.read_text() == "mine"
+    if os.path.isdir("/proc"):  # exists and refuses new files, even to root
+        code, _, err = train_main(capsys, "--out_dir=/proc")
+        assert code == 1 and "cannot write to out_dir /proc" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root can write to a read-only folder")
+def test_read_only_out_dir(capsys, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        code, _, err = train_main(capsys, f"--out_dir={ro}")
+        assert code == 1 and "cannot write to out_dir" in err
+        code, _, err = train_main(capsys, f"--out_dir={ro}/sub")
+        assert code == 1 and "cannot create out_dir" in err
+    finally:
+        ro.chmod(0o755)
+
+
+def test_a_file_that_is_not_a_preset():
+    assert_user_error(run("train.py", "README.md", ok=False), "README.md is not a preset", "--key=value")
+
+
+@pytest.mark.parametrize("script,key", [("train.py", "--max_iters"), ("sample.py", "--num_samples"),
+                                        ("bench.py", "--mode"), ("prepare_data.py", "--entities")])
+def test_help_lists_every_key_with_its_comment(script, key):
+    for flag in ("--help", "-h"):
+        p = run(script, flag)
+        assert key in p.stdout and "Traceback" not in p.stderr
+    if script == "train.py":
+        assert "optimizer steps" in p.stdout and "--keep_best=False" in p.stdout
+
+
+def test_missing_preset_data_names_a_command_that_works(tmp_path):
+    d = str(tmp_path / "facts400")
+    p = run("train.py", os.path.join(ROOT, "presets", "facts400.py"), f"--data_dir={d}", ok=False)
+    assert_user_error(p, "no prepared data")
+    hint = p.stderr.split("`")[1]
+    assert hint.startswith("python prepare_data.py ") and "--entities=400" in hint
+    run(*shlex.split(hint)[1:])  # the hinted command itself succeeds
+    assert json.load(open(os.path.join(d, "meta.json")))["dataset"] == "facts"
+
+
+# ---- long runs say where they are, and how to continue -------------------------------------------
+
+def test_progress_and_final_line_say_what_each_file_holds(facts, tmp_path):
+    out = str(tmp_path / "run")
+    p = run("train.py", f"--data_dir={facts}", f"--out_dir={out}", "--max_iters=6", "--eval_interval=2",
+            "--keep_best", *TINY)
+    assert "elapsed, ETA" in p.stdout and "tok/s" in p.stdout and "evaluating at step 2" in p.stdout
+    last, best = (torch.load(os.path.join(out, f), weights_only=True) for f in ("ckpt.pt", "best.pt"))
+    evals = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    evals = [r for r in evals if r["kind"] == "eval"]
+    best_row = min(evals, key=lambda r: r["val_loss"])
+    assert best["iter"] == best_row["iter"] == last["best_iter"] and last["iter"] == 6
+    final = p.stdout.strip().splitlines()[-1]
+    assert f"{out}/ckpt.pt holds the last step (val {evals[-1]['val_loss']:.4f})" in final
+    assert f"best val {best_row['val_loss']:.4f} at step {best_row['iter']}, kept in {out}/best.pt" in final
+
+
+def test_ctrl_c_leaves_a_whole_checkpoint_and_the_resume_command(facts, tmp_path):
+    out = str(tmp_path / "run")
+    args = [f"--data_dir={facts}", f"--out_dir={out}", "--max_iters=100000", "--eval_interval=2", "--eval_facts=False",
+            *TINY]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    for line in proc.stdout:
+        if line.startswith("step     5 "):  # checkpoints at 0, 2 and 4 have been written
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    step = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["iter"]
+    assert step >= 4 and not [f for f in os.listdir(out) if f.endswith(".tmp") or f == "train.lock"]
+    last = rest.strip().splitlines()[-1]
+    assert f"{out}/ckpt.pt holds step {step}; continue with: python train.py" in last and last.endswith(
+        "--init_from=resume")
+
+
+# ---- bench.py: values checked, plots where the user points, checkpoints checked against their data
+
+@pytest.mark.parametrize("args,needle", [(["--mode=speed"], "mode='speed'"), (["--steps=0"], "steps=0"),
+                                         (["--batch_size=-2"], "batch_size=-2"), (["--shapes=128x512"], "shapes="),
+                                         (["--cache_sizes=16,x"], "cache_sizes="), (["--n_head=3"], "not divisible")])
+def test_bench_bad_values(args, needle):
+    assert_user_error(run("bench.py", "--device=cpu", *args, ok=False), needle)
+
+
+def test_bench_plots_stay_out_of_tracked_files(facts, tmp_path):
+    tracked = os.path.join(ROOT, "assets", "decode_hit_rate.png")
+    before = open(tracked, "rb").read()
+    args = [f"--data_dir={facts}", "--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--ffn_hidden=64",
+            "--block_size=32", "--batch_size=2", "--steps=1", "--decode_tokens=2", "--cache_sizes=16"]
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--mode=decode", *args], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert os.path.getsize(tmp_path / "out" / "bench" / "decode_hit_rate.png") > 1000
+    assert open(tracked, "rb").read() == before
+
+
+def test_bench_decode_refuses_a_checkpoint_of_other_data(trained, tmp_path):
+    ckpt = torch.load(os.path.join(trained[0], "ckpt.pt"), weights_only=True)
+    ckpt["data"]["fingerprint"] = "fedcba9876543210"  # as if its data folder had been prepared again since
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    p = run("bench.py", "--mode=decode", "--device=cpu", f"--ckpt={tmp_path}/ckpt.pt", ok=False)
+    assert_user_error(p, "fedcba9876543210", "--data_dir")
