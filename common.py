@@ -435,13 +435,27 @@ def plot_losses(metrics_path, png_path):
     plt.close(fig)
 
 
-def print_accounting(model, counts=None, flops=None):
+def print_accounting(model, counts=None, flops=None, tc=None, tokens_per_step=None):
+    """Parameters and FLOPs per token; with a TrainConfig, also the run's total compute and the memory
+    its weights and optimizer states take (estimates, labelled as such)."""
     c = counts or model.param_counts()
+    flops = flops or model.flops_per_token()
     T = model.cfg.block_size
     print(f"STEM layers: {model.stem_layers or 'none'} of {model.cfg.n_layer}")
     print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in c.items()))
-    print(f"FLOPs per token (forward, context {T}): {flops or model.flops_per_token():,} "
-          f"(matmul weights + attention; tables are lookups); training ~3x")
+    print(f"FLOPs per token (forward, context {T}): {flops:,} (matmul weights + attention; tables are lookups); "
+          f"training ~3x")
+    if tc is None:
+        return
+    total = 3 * flops * tokens_per_step * tc.max_iters
+    print(f"compute: {tokens_per_step:,} tokens per step, {tokens_per_step * tc.max_iters:,} in all, {total:.3g} FLOPs "
+          f"(estimate: {total / 400e12 / 3600:.2g} h at 400 TFLOP/s, an H100 at 40% MFU)")
+    # fp32 weights, gradients and two AdamW moments: 16 bytes a value. Lazy tables have no gradient
+    # beyond the step's rows (12 bytes a value); offloaded tables live in host memory instead.
+    backbone, tables = (c["total"] - c["tables"]) * 16, c["tables"] * (16 if tc.table_optimizer == "dense" else 12)
+    where = "in host memory (offload)" if tc.offload else "on the device"
+    print(f"memory for weights and optimizer (estimate; activations not counted): backbone {backbone / 1e9:.2f} GB "
+          f"on the device, tables {tables / 1e9:.2f} GB {where}")
 
 
 # -----------------------------------------------------------------------------

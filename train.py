@@ -249,10 +249,11 @@ def train(tc, mc, keys_set, argv):
         print_config(mc, tc)
         print(note + f"; compile: {'on' if tc.compile and device.startswith('cuda') else 'off'}"
               + (f"; DDP over {world} processes" if ddp else "") + f"; tables: {tables.describe()}")
-        print_accounting(raw_model, *accounting)
+    tokens_per_step = tc.batch_size * mc.block_size * tc.grad_accum * world
+    if master:
+        print_accounting(raw_model, *accounting, tc=tc, tokens_per_step=tokens_per_step)
         print(f"data: {tc.data_dir} ({meta['dataset']}, vocab {meta['vocab_size']}, "
               f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens)")
-    tokens_per_step = tc.batch_size * mc.block_size * tc.grad_accum * world
     paths = {k: os.path.join(tc.out_dir, f) for k, f in
              [("ckpt", "ckpt.pt"), ("best", "best.pt"), ("metrics", "metrics.jsonl"), ("plot", "loss.png")]}
 
