@@ -441,7 +441,8 @@ def print_accounting(model, counts=None, flops=None, tc=None, tokens_per_step=No
     c = counts or model.param_counts()
     flops = flops or model.flops_per_token()
     T = model.cfg.block_size
-    print(f"STEM layers: {model.stem_layers or 'none'} of {model.cfg.n_layer}")
+    kind = "STEM" if model.cfg.ffn in ("stem", "swiglu") else f"{model.cfg.ffn} (ablation)"
+    print(f"{kind} layers: {model.ffn_layers or 'none'} of {model.cfg.n_layer}")
     print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in c.items()))
     print(f"FLOPs per token (forward, context {T}): {flops:,} (matmul weights + attention; tables are lookups); "
           f"training ~3x")
@@ -449,7 +450,7 @@ def print_accounting(model, counts=None, flops=None, tc=None, tokens_per_step=No
         return
     total = 3 * flops * tokens_per_step * tc.max_iters
     print(f"compute: {tokens_per_step:,} tokens per step, {tokens_per_step * tc.max_iters:,} in all, {total:.3g} FLOPs "
-          f"(estimate: {total / 400e12 / 3600:.2g} h at 400 TFLOP/s, an H100 at 40% MFU)")
+          f"(estimate: {clock(total / 400e12)} h:m:s at 400 TFLOP/s, an H100 at 40% MFU)")
     # fp32 weights, gradients and two AdamW moments: 16 bytes a value. Lazy tables have no gradient
     # beyond the step's rows (12 bytes a value); offloaded tables live in host memory instead.
     backbone, tables = (c["total"] - c["tables"]) * 16, c["tables"] * (16 if tc.table_optimizer == "dense" else 12)

@@ -105,7 +105,7 @@ class OffloadedTables(Tables):
                  eps=1e-8, cache_rows=0, threads=None):
         ffns = model.stem_ffns()
         if not ffns:
-            raise OffloadError("offload needs STEM layers, and this model has none (ffn=swiglu): drop --offload")
+            raise OffloadError(f"offload needs STEM tables, and this model has none (ffn={model.cfg.ffn}): drop --offload")
         if train and optimizer != "lazy":
             raise OffloadError("offload trains only with the lazy table optimizer: --table_optimizer=lazy")
         if train and cache_rows:

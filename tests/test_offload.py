@@ -195,7 +195,7 @@ def test_cache_smaller_than_one_step_is_an_error():
 
 
 def test_offload_refuses_swiglu():
-    with pytest.raises(OffloadError, match="STEM layers"):
+    with pytest.raises(OffloadError, match="STEM tables"):
         OffloadedTables(GPT(tiny_config(ffn="swiglu")), "cpu")
 
 
@@ -238,7 +238,7 @@ def test_offload_bad_inputs(facts, trained, tmp_path):
     assert_user_error(run("train.py", f"--data_dir={facts}", "--offload=True", "--table_optimizer=dense", ok=False),
                       "--table_optimizer=lazy")
     assert_user_error(run("train.py", f"--data_dir={facts}", "--offload=True", "--table_optimizer=lazy",
-                          "--ffn=swiglu", ok=False), "offload needs STEM layers")
+                          "--ffn=swiglu", ok=False), "offload needs STEM tables")
     out, _ = trained  # trained with the dense optimizer
     assert_user_error(run("train.py", f"--data_dir={facts}", f"--out_dir={out}", "--init_from=resume", "--offload=True",
                           "--table_optimizer=lazy", ok=False), "dense optimizer")
