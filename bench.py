@@ -6,6 +6,13 @@ Measure STEM against SwiGLU, resident against offloaded: speed, memory, and the 
     python bench.py --mode offload                # copy rates, gather rate, unique ids, bytes, lower bound
     python bench.py --mode decode                 # generation tok/s resident vs offloaded, cache hit rate
     python bench.py --mode quality --runs runs    # the results table and plots of quality.sh
+    python bench.py --mode spread --ckpt=STEM_RUN --ckpt_swiglu=SWIGLU_RUN   # |cos| of table rows vs baselines
+    python bench.py --mode stability --data_dir=data/shakespeare-gpt2       # loss spikes: swiglu, stem, hash_moe
+    python bench.py --mode context --data_dir=D [--ckpt=STEM --ckpt_swiglu=SWIGLU]  # Heaps' law; loss by position
+    python bench.py --mode locality --ckpt=STEM_FACTS_RUN                   # edits: success, locality, control
+
+The last four check the paper's claims at small scale (claims.sh runs them; ../shared/docs/STEM_NOTES.md
+s. 8). A checkpoint is given as its file or its run folder, and is read with the data it was trained on.
 
 Each mode prints a header (device, dtype, torch, config), a table, and as its last line one JSON
 object holding every figure. Timings: burn_in steps, then `steps` timed steps, synchronised on CUDA;
@@ -17,6 +24,7 @@ figures were written with --plot_dir=assets.
 """
 
 import json
+import math
 import os
 import resource
 import statistics
@@ -26,24 +34,26 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from model import GPT, GPTConfig, STEM, SwiGLU, configure_optimizer
 from tables import ResidentTables
 from common import (Batches, UserError, check_model_config, die, edit_probes, fact_recall, load_meta, parse_config,
                     require, resolve_device)
 
-MODES = ("ffn", "train", "offload", "decode", "quality")
+MODES = ("ffn", "train", "offload", "decode", "quality", "spread", "stability", "context", "locality")
 # dense bf16 peak of known GPUs (FLOP/s), for MFU; others: pass --peak_flops
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
 
 
 @dataclass
 class BenchConfig:
-    mode: str = "ffn"  # ffn | train | offload | decode | quality
+    mode: str = "ffn"  # ffn | train | offload | decode | quality | spread | stability | context | locality
     device: str = "auto"
     dtype: str = "auto"
-    data_dir: str = "data/facts"  # real tokens for train / offload / decode
+    data_dir: str = "data/facts"  # real tokens for train / offload / decode / context (stability: default the preset's)
     batch_size: int = 16
     burn_in: int = 3  # untimed steps first (allocator warm-up, lazy init)
     steps: int = 10  # timed steps
@@ -52,7 +62,8 @@ class BenchConfig:
     peak_flops: Optional[float] = None  # for MFU; None = a known GPU's bf16 peak, or none on CPU
     cache_sizes: str = "16,64,256,1024"  # decode mode
     decode_tokens: int = 64  # decode mode: new tokens per sample
-    ckpt: str = ""  # decode mode: a trained checkpoint (real token statistics; its data); "" = random init
+    ckpt: str = ""  # decode: a trained checkpoint (its data), "" = random init; spread, context, locality: the STEM one
+    ckpt_swiglu: str = ""  # spread, context: the SwiGLU checkpoint (same data) to compare --ckpt with
     runs: str = "runs"  # quality mode: folders written by quality.sh
     variants: str = "swiglu,stem-dense,stem-lazy,stem-offload"  # train mode
     repeats: int = 1  # train mode: runs per variant, round-robin; the median is reported
@@ -62,6 +73,21 @@ class BenchConfig:
     host_gbps: float = 60.0  # offload mode: host memory bandwidth of a GPU server, for the step model
     host_threads: Optional[int] = None  # offload mode: RowAdamW threads; None = min(8, cores)
     plot_dir: str = "out/bench"  # where PNGs go (the README's are in assets/: pass --plot_dir=assets to redo them)
+    spread_ids: int = 256  # spread: rows of the most frequent ids of train.bin, compared pairwise
+    spread_layer: int = -1  # spread: the headline layer (all table layers are listed); -1 = the first table layer
+    spread_pool: str = "mean"  # spread: one SwiGLU W_up x per id: "mean" over its positions, or its "first"
+    spread_tokens: int = 65536  # spread: at most this many tokens of train.bin (windows spread over it) run through SwiGLU
+    train_preset: str = "presets/shakespeare.py"  # stability: train.py's preset; its learning_rate is 1x
+    stability_steps: int = 60  # stability: training steps per run
+    stability_seeds: str = "1"  # stability: comma-separated seeds
+    stability_lrs: str = "1,3"  # stability: multiples of the preset's learning_rate (and min_lr)
+    stability_dir: str = "out/stability"  # stability: the runs (a finished one is reused, an unfinished one resumed)
+    spike_window: int = 20  # stability: W, the previous steps whose median loss a spike is measured against
+    spike_margin: float = 0.5  # stability: a spike's loss exceeds that median by more than this (nats)
+    context_max: int = 2048  # context: the longest window T for distinct ids (T = 16, 32, ... up to this)
+    context_windows: int = 200  # context: random windows per T for distinct ids
+    context_batches: int = 8  # context: validation batches (of batch_size windows) for the per-position loss
+    locality_pairs: int = 100  # locality: random entity triples (A, B, C) for the two-entity probes
     variant: str = ""  # internal: train mode runs each variant in a child process
 
 
@@ -455,6 +481,7 @@ def bench_decode(bc, mc, device, ctx):
     from common import check_provenance, load_checkpoint, model_from_checkpoint
     torch.manual_seed(0)
     if bc.ckpt:
+        bc.ckpt = ckpt_file(bc.ckpt)
         ckpt = load_checkpoint(bc.ckpt)
         model, bc.data_dir = model_from_checkpoint(ckpt, bc.ckpt), ckpt["config"]["train"]["data_dir"]
         check_provenance(ckpt, load_meta(bc.data_dir), bc.data_dir, bc.ckpt)  # its prompts come from its own data
@@ -494,7 +521,7 @@ def bench_decode(bc, mc, device, ctx):
 # quality: summarise the runs of quality.sh
 
 
-def plot(path, xlabel, ylabel, series, logx=False, bands=None, title=None):
+def plot(path, xlabel, ylabel, series, logx=False, bands=None, title=None, logy=False):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -508,6 +535,8 @@ def plot(path, xlabel, ylabel, series, logx=False, bands=None, title=None):
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
     if logx:
         ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
     if title:
         ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
@@ -596,6 +625,559 @@ def bench_quality(bc):
     return {"quality": out}
 
 
+# -----------------------------------------------------------------------------
+# the paper's claims at small scale (STEM_NOTES.md s. 8; claims.sh runs them all): the pure functions
+# first (tests import them), then one mode per claim: spread (5), stability (4), context (7), locality (6)
+
+
+def pairwise_abs_cos(x):
+    """|cos| of every pair of distinct rows of x (n, d), as a flat float64 array of n(n-1)/2 values
+    (the upper triangle of the cosine matrix). A zero row has |cos| 0 with everything."""
+    x = np.asarray(x, dtype=np.float64)
+    u = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-300)
+    return np.minimum(np.abs(u @ u.T)[np.triu_indices(len(x), 1)], 1.0)  # rounding can pass 1 for parallel rows
+
+
+def pairwise_abs_cos_stats(x):
+    """{median, p95} of the pairwise |cos| of the rows of x (n >= 2 rows); p95 as numpy's default
+    (linear interpolation between order statistics)."""
+    c = pairwise_abs_cos(x)
+    if c.size == 0:
+        raise ValueError("pairwise |cos| needs at least 2 rows")
+    return dict(median=float(np.median(c)), p95=float(np.percentile(c, 95)))
+
+
+def heaps_fit(T, D):
+    """Heaps' law D = k T^beta fitted by least squares on log D = log k + beta log T: returns (k, beta)."""
+    beta, logk = np.polyfit(np.log(np.asarray(T, dtype=np.float64)), np.log(np.asarray(D, dtype=np.float64)), 1)
+    return float(np.exp(logk)), float(beta)
+
+
+def mean_distinct(data, T, windows, rng):
+    """Mean number of distinct ids in `windows` random windows of T consecutive tokens of data."""
+    starts = rng.integers(0, len(data) - T + 1, size=windows)
+    return float(np.mean([len(np.unique(np.asarray(data[s:s + T]))) for s in starts]))
+
+
+def running_excess(losses, window):
+    """[(t, loss[t] - median of the finite losses among loss[t-window:t])] for t >= window; the excess is
+    inf where loss[t] is not finite, and None where the window holds no finite loss."""
+    out = []
+    for t in range(window, len(losses)):
+        prev = [v for v in losses[t - window:t] if math.isfinite(v)]
+        if not math.isfinite(losses[t]):
+            out.append((t, math.inf))
+        else:
+            out.append((t, losses[t] - statistics.median(prev) if prev else None))
+    return out
+
+
+def count_spikes(losses, window=20, margin=0.5):
+    """Indices t (0-based) of the loss spikes: t >= window and loss[t] > median(loss[t-window:t]) + margin
+    (nats; the median over the finite losses of the window), or loss[t] not finite (a diverged step)."""
+    return [t for t, e in running_excess(losses, window) if e is not None and e > margin]
+
+
+SPIKE_DEFINITION = ("a spike is a step t (after the first W) whose training loss exceeds the median of the previous "
+                    "W steps' finite losses by more than the margin, or is not finite")
+
+
+@torch.no_grad()
+def position_losses(model, x, y, ctx, chunk=4):
+    """Cross-entropy at each position of each window x -> y (B, T): (B, T) float64 on the CPU. In chunks
+    of `chunk` windows, so that a 50k-way vocabulary's logits stay small."""
+    out = []
+    for i in range(0, x.size(0), chunk):
+        xb, yb = x[i:i + chunk], y[i:i + chunk]
+        with ctx:
+            logits, _ = model(xb, yb)
+        out.append(F.cross_entropy(logits.float().transpose(1, 2), yb, reduction="none").double().cpu())  # (b, T)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def swap_rows(model, a, b):
+    """In every table of the model, rows a[i] and b[i] change places (twice restores). a and b: lists
+    of token ids of equal length, no id in both."""
+    assert len(a) == len(b) and not set(a) & set(b), (a, b)
+    ia, ib = torch.tensor(a), torch.tensor(b)
+    for f in model.stem_ffns():
+        ra, rb = f.table[ia].clone(), f.table[ib].clone()
+        f.table[ia], f.table[ib] = rb, ra
+
+
+def ckpt_file(path):
+    """A checkpoint given as a file or as the run folder holding ckpt.pt."""
+    return os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+
+
+def load_model(path, device, what="--ckpt"):
+    """(model in eval mode on device, checkpoint, its data folder, that folder's meta)."""
+    from common import check_provenance, load_checkpoint, model_from_checkpoint
+    path = ckpt_file(path)
+    ckpt = load_checkpoint(path)
+    data_dir = ckpt["config"]["train"]["data_dir"]
+    meta = load_meta(data_dir)
+    check_provenance(ckpt, meta, data_dir, path)
+    model = model_from_checkpoint(ckpt, path).to(device).eval()
+    print(f"# {what}: {path} (step {ckpt['iter']} of {ckpt['config']['train']['max_iters']}, ffn={model.cfg.ffn}, "
+          f"stem_layers={model.cfg.stem_layers}, table layers {model.stem_layers or 'none'}, data {data_dir})")
+    return model, ckpt, data_dir, meta
+
+
+def same_data(ckpt, meta, data_dir, path):
+    """Refuse a second checkpoint trained on other data than the first one's."""
+    from common import check_provenance
+    check_provenance(ckpt, meta, data_dir, ckpt_file(path))
+
+
+def bars(path, labels, values, ylabel, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(range(len(values)), values, color="tab:blue")
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(labels)), labels, fontsize=8, rotation=15)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.1)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---- spread (claim 5): STEM rows near-orthogonal against a random baseline; dense W_up x clusters
+
+
+def top_ids(data_dir, meta, n):
+    """The n most frequent ids of train.bin (ties: the smaller id first), and the count of ids that occur."""
+    data = np.memmap(os.path.join(data_dir, "train.bin"), dtype=np.dtype(meta["dtype"]), mode="r")
+    counts = np.bincount(np.asarray(data), minlength=meta["vocab_size"])
+    order = np.argsort(-counts, kind="stable")
+    present = int((counts > 0).sum())
+    return order[:min(n, present)].tolist(), present
+
+
+@torch.no_grad()
+def up_outputs(model, layers, ids, data_dir, meta, pool, max_tokens, batch, device, ctx):
+    """For each layer, one W_up x vector per id: the SwiGLU up-projection's output at the positions of
+    train.bin (windows of block_size spread evenly over the file, at most max_tokens in all) holding
+    that id, pooled by `pool`: "first" occurrence or "mean" over occurrences. -> ({layer: (len(found), ffn)},
+    found ids in the order of `ids`, tokens read)."""
+    data = np.memmap(os.path.join(data_dir, "train.bin"), dtype=np.dtype(meta["dtype"]), mode="r")
+    T, want = model.cfg.block_size, torch.tensor(ids)
+    slot = torch.full((meta["vocab_size"],), -1, dtype=torch.long)
+    slot[want] = torch.arange(len(ids))
+    W = model.cfg.ffn_hidden
+    sums = {L: torch.zeros(len(ids), W, dtype=torch.float64) for L in layers}
+    counts = torch.zeros(len(ids), dtype=torch.float64)
+    got = {}
+    hooks = [model.blocks[L].ffn.up.register_forward_hook(lambda m, i, o, L=L: got.__setitem__(L, o)) for L in layers]
+    n_windows = max(1, min(max_tokens, len(data) - 1) // T)
+    starts = np.linspace(0, len(data) - T, n_windows).astype(np.int64)  # evenly over the file
+    read = 0
+    try:
+        for w0 in range(0, n_windows, batch):
+            nw = min(batch, n_windows - w0)
+            x = torch.from_numpy(np.stack([np.asarray(data[s:s + T]) for s in starts[w0:w0 + nw]]).astype(np.int64))
+            with ctx:
+                model(x.to(device))  # targets=None: the head runs on the last position only
+            read += x.numel()
+            s = slot[x.reshape(-1)]  # (n,) slot of each position, -1 when not a wanted id
+            at = s >= 0
+            if pool == "first":
+                at &= counts[s.clamp(min=0)] == 0
+                pos = at.nonzero().squeeze(1)
+                _, keep = np.unique(s[pos].numpy(), return_index=True)  # the first position of each id in this batch
+                pos = pos[torch.from_numpy(keep)]
+                s_at = s[pos]
+            else:
+                pos = at.nonzero().squeeze(1)
+                s_at = s[pos]
+            for L in layers:
+                out = got[L].reshape(-1, W).float().cpu()[pos].double()
+                sums[L].index_add_(0, s_at, out)
+            counts.index_add_(0, s_at, torch.ones(len(s_at), dtype=torch.float64))
+            if pool == "first" and bool((counts > 0).all()):
+                break
+    finally:
+        for h in hooks:
+            h.remove()
+    found = (counts > 0).nonzero().squeeze(1)
+    vecs = {L: (sums[L][found] / counts[found, None]).numpy() for L in layers}
+    return vecs, [ids[i] for i in found.tolist()], read
+
+
+def bench_spread(bc, device, ctx):
+    stem, ckpt, data_dir, meta = load_model(bc.ckpt, device)
+    require(stem.stem_layers, f"{bc.ckpt} has no table layers (ffn={stem.cfg.ffn}): --ckpt must be a STEM checkpoint")
+    layers = stem.stem_layers
+    layer = layers[0] if bc.spread_layer == -1 else bc.spread_layer
+    require(layer in layers, f"spread_layer={bc.spread_layer}: layer {layer} is not a table layer of {bc.ckpt} "
+            f"(its table layers: {layers}); -1 picks the first")
+    ids, present = top_ids(data_dir, meta, bc.spread_ids)
+    require(len(ids) >= 2, f"{data_dir}/train.bin holds fewer than 2 distinct ids")
+    torch.manual_seed(ckpt["config"]["train"]["seed"])  # train.py seeds, then builds the model: the same init
+    init = GPT(stem.cfg)
+    W = stem.cfg.ffn_hidden
+    rand = torch.randn(len(ids), W, generator=torch.Generator().manual_seed(0)).numpy()
+    swiglu_vecs, found, read = None, ids, 0
+    if bc.ckpt_swiglu:
+        dense, dckpt, _, _ = load_model(bc.ckpt_swiglu, device, "--ckpt_swiglu")
+        same_data(dckpt, meta, data_dir, bc.ckpt_swiglu)
+        require(dense.cfg.ffn_hidden == W, f"--ckpt_swiglu has ffn_hidden={dense.cfg.ffn_hidden}, the STEM model "
+                f"{W}: |cos| depends on the width, so the two must match")
+        for L in layers:
+            require(isinstance(dense.blocks[L].ffn, SwiGLU), f"layer {L} of --ckpt_swiglu is not a SwiGLU FFN "
+                    f"(ffn={dense.cfg.ffn}, its layers {dense.ffn_layers}): no up-projection to compare")
+        swiglu_vecs, found, read = up_outputs(dense, layers, ids, data_dir, meta, bc.spread_pool, bc.spread_tokens,
+                                              bc.batch_size, device, ctx)
+        require(len(found) >= 2, f"fewer than 2 of the top ids occur in the {read} tokens read: raise --spread_tokens")
+        if len(found) < len(ids):
+            print(f"# {len(ids) - len(found)} of the {len(ids)} ids do not occur in the {read:,} tokens read: "
+                  f"every entry uses the {len(found)} that do")
+    sel = [ids.index(i) for i in found]
+    rand = rand[sel]
+    per_layer, rows, cdfs = [], [], {}
+    for L in layers:
+        ent = dict(layer=L,
+                   trained=pairwise_abs_cos_stats(stem.blocks[L].ffn.table.detach().cpu()[found].double().numpy()),
+                   init=pairwise_abs_cos_stats(init.blocks[L].ffn.table.detach()[found].double().numpy()),
+                   random=pairwise_abs_cos_stats(rand),
+                   swiglu_up=pairwise_abs_cos_stats(swiglu_vecs[L]) if swiglu_vecs else None)
+        per_layer.append(ent)
+        for k in ("trained", "init", "random", "swiglu_up"):
+            if ent[k] is not None:
+                rows.append(dict(layer=str(L) + (" (headline)" if L == layer else ""), rows=dict(
+                    trained="STEM table, trained", init="STEM table, at init (same seed)",
+                    random=f"Gaussian N(0,1), width {W}", swiglu_up=f"SwiGLU W_up x ({bc.spread_pool} per id)")[k],
+                    median=f"{ent[k]['median']:.4f}", p95=f"{ent[k]['p95']:.4f}"))
+    table(rows, ["layer", "rows", "median", "p95"])
+    print(f"# |cos| over the {len(found) * (len(found) - 1) // 2:,} pairs of the {len(found)} most frequent ids of "
+          f"{data_dir}/train.bin ({present:,} distinct ids occur); random vectors of width {W} give a median "
+          f"about 0.674/sqrt({W}) = {0.674 / W ** 0.5:.4f} and a P95 about 1.96/sqrt({W}) = {1.96 / W ** 0.5:.4f}")
+    if swiglu_vecs:
+        print(f"# SwiGLU: the output of blocks[{'/'.join(map(str, layers))}].ffn.up on {read:,} tokens of train.bin "
+              f"(windows of {stem.cfg.block_size} spread evenly over it), {bc.spread_pool} over each id's positions")
+    head = next(e for e in per_layer if e["layer"] == layer)
+    qs = np.linspace(0.005, 0.995, 100)
+    sources = dict(trained=stem.blocks[layer].ffn.table.detach().cpu()[found].double().numpy(),
+                   init=init.blocks[layer].ffn.table.detach()[found].double().numpy(), random=rand)
+    if swiglu_vecs:
+        sources["swiglu_up"] = swiglu_vecs[layer]
+    for k, v in sources.items():
+        cdfs[k] = list(zip(np.quantile(pairwise_abs_cos(v), qs).tolist(), qs.tolist()))
+    plot(os.path.join(bc.plot_dir, "spread_abs_cos_cdf.png"), "|cos| of a pair of rows", "fraction of pairs below",
+         cdfs, title=f"layer {layer}, {len(found)} most frequent ids")
+    print(f"# headline: layer {layer} (the first table layer unless --spread_layer); plot: {bc.plot_dir}/spread_abs_cos_cdf.png")
+    return {"spread": {k: head[k] for k in ("trained", "init", "random", "swiglu_up")}, "layer": layer,
+            "per_layer": per_layer, "ids": len(found), "ids_asked": bc.spread_ids, "pool": bc.spread_pool,
+            "swiglu_tokens_read": read, "ffn_hidden": W}
+
+
+# ---- stability (claim 4): loss spikes of swiglu, stem and hash_moe at the preset lr and a multiple of it
+
+
+STABILITY_FFNS = ("swiglu", "stem", "hash_moe")
+
+
+def read_preset(path):
+    """A preset's plain assignments as a dict (common.parse_config applies them to train.py's configs,
+    which bench.py does not import)."""
+    import ast
+    out = {}
+    for node in ast.parse(open(path).read()).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            out[node.targets[0].id] = ast.literal_eval(node.value)
+    return out
+
+
+def stability_run(bc, mc_keys, ffn, mult, seed, lr, min_lr):
+    """One short train.py run in stability_dir (kept: a finished run is reused, an unfinished one
+    resumed); returns its per-step training losses."""
+    out = os.path.join(bc.stability_dir, f"{ffn}-lr{mult:g}x-s{seed}")
+    args = [bc.train_preset, f"--data_dir={bc.data_dir}", f"--ffn={ffn}", f"--max_iters={bc.stability_steps}",
+            f"--eval_interval={bc.stability_steps}", "--eval_iters=2", f"--log_interval={bc.stability_steps}",
+            "--eval_facts=False", f"--learning_rate={lr * mult!r}", f"--min_lr={min_lr * mult!r}", f"--seed={seed}",
+            "--compile=False", f"--out_dir={out}"] + [f"--{k}={v}" for k, v in mc_keys.items()]
+    args += [f"--{k}={getattr(bc, k)}" for k in ("device", "dtype") if getattr(bc, k) != "auto"]
+    path = os.path.join(out, "ckpt.pt")
+    if os.path.isfile(path):
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        c = ck["config"]
+        want = dict(max_iters=bc.stability_steps, seed=seed, data_dir=bc.data_dir, ffn=ffn, **mc_keys)
+        have = {k: c["train"].get(k, c["model"].get(k)) for k in want}
+        bad = [f"{k}={have[k]!r} (here {want[k]!r})" for k in want if str(have[k]) != str(want[k])]
+        if not math.isclose(c["train"]["learning_rate"], lr * mult, rel_tol=1e-9):
+            bad.append(f"learning_rate={c['train']['learning_rate']!r} (here {lr * mult!r})")
+        if bad:
+            raise UserError(f"{out} holds a run with other settings ({', '.join(bad)}): delete it or choose "
+                            f"another --stability_dir")
+        if ck["iter"] < ck["config"]["train"]["max_iters"]:
+            args.append("--init_from=resume")  # an interrupted run continues (train.py refuses a fresh start)
+        else:
+            args = None  # finished: reused
+    t0 = time.time()
+    if args is not None:
+        p = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), *args],
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            last = (p.stderr.strip() or p.stdout.strip() or str(p.returncode)).splitlines()[-1]
+            raise UserError(f"training {out} failed: {last}")
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    steps = sorted((r["iter"], r["loss"]) for r in rows if r["kind"] == "train")
+    return [v for _, v in steps], out, (time.time() - t0 if args is not None else None)
+
+
+def bench_stability(bc, mc, keys_set):
+    require(os.path.isfile(bc.train_preset), f"train_preset={bc.train_preset}: no such file")
+    load_meta(bc.data_dir)  # the usual hint when the data is missing
+    preset = read_preset(bc.train_preset)
+    require("learning_rate" in preset, f"{bc.train_preset} sets no learning_rate: the stability runs scale it")
+    lr, min_lr = preset["learning_rate"], preset.get("min_lr", preset["learning_rate"] / 10)
+    mc_keys = {k: getattr(mc, k) for k in sorted(keys_set) if k in GPTConfig.__dataclass_fields__
+               and k not in ("ffn", "vocab_size")}
+    if "batch_size" in keys_set:
+        mc_keys["batch_size"] = bc.batch_size
+    seeds = [int(s) for s in bc.stability_seeds.split(",")]
+    mults = [float(m) for m in bc.stability_lrs.split(",")]
+    runs = []
+    for seed in seeds:
+        for mult in mults:
+            for ffn in STABILITY_FFNS:
+                losses, out, secs = stability_run(bc, mc_keys, ffn, mult, seed, lr, min_lr)
+                spikes = count_spikes(losses, bc.spike_window, bc.spike_margin)
+                finite = [v for v in losses if math.isfinite(v)]
+                excess = [e for _, e in running_excess(losses, bc.spike_window) if e is not None and math.isfinite(e)]
+                runs.append(dict(ffn=ffn, lr_mult=mult, learning_rate=lr * mult, seed=seed, out_dir=out,
+                                 steps=len(losses), spikes=len(spikes), spike_steps=[t + 1 for t in spikes],
+                                 max_excess=max(excess) if excess else None,
+                                 final_loss=losses[-1] if losses else None, diverged=len(finite) < len(losses),
+                                 seconds=secs, losses=losses))
+                print(f"# {out}: {len(losses)} steps, {len(spikes)} spikes" +
+                      (f" ({secs:.0f} s)" if secs is not None else " (reused)"), flush=True)
+    summary, rows = [], []
+    for mult in mults:
+        for ffn in STABILITY_FFNS:
+            rs = [r for r in runs if r["ffn"] == ffn and r["lr_mult"] == mult]
+            s = dict(ffn=ffn, lr_mult=mult, learning_rate=lr * mult, spikes_per_seed=[r["spikes"] for r in rs],
+                     spikes_mean=statistics.mean(r["spikes"] for r in rs),
+                     max_excess=max((r["max_excess"] for r in rs if r["max_excess"] is not None), default=None),
+                     final_loss_mean=statistics.mean(r["final_loss"] for r in rs),
+                     diverged=sum(r["diverged"] for r in rs))
+            summary.append(s)
+            rows.append(dict(ffn=ffn, lr=f"{lr * mult:.2e} ({mult:g}x)", spikes=" ".join(map(str, s["spikes_per_seed"])),
+                             mean=f"{s['spikes_mean']:.2f}",
+                             max_excess=f"{s['max_excess']:+.3f}" if s["max_excess"] is not None else "-",
+                             final=f"{s['final_loss_mean']:.3f}", diverged=str(s["diverged"])))
+        plot(os.path.join(bc.plot_dir, f"stability_lr{mult:g}x.png"), "step", "training loss",
+             {f"{r['ffn']} s{r['seed']}": list(enumerate(r["losses"], 1)) for r in runs if r["lr_mult"] == mult},
+             title=f"{os.path.basename(bc.data_dir.rstrip('/'))}, lr {lr * mult:.2e} ({mult:g}x the preset's)")
+    table(rows, ["ffn", "lr", "spikes", "mean", "max_excess", "final", "diverged"])
+    print(f"# {SPIKE_DEFINITION}; W = {bc.spike_window}, margin = {bc.spike_margin} nats. spikes: per seed "
+          f"({', '.join(map(str, seeds))}); max_excess: the largest loss minus running median; {bc.stability_steps} steps "
+          f"of {bc.train_preset} on {bc.data_dir} (its warmup and cosine schedule, peak and floor lr scaled)")
+    print(f"# plots: {bc.plot_dir}/stability_lr<m>x.png; runs kept in {bc.stability_dir} (reused when finished)")
+    return {"stability": dict(definition=SPIKE_DEFINITION, window=bc.spike_window, margin=bc.spike_margin,
+                              steps=bc.stability_steps, preset=bc.train_preset, data_dir=bc.data_dir,
+                              preset_learning_rate=lr, seeds=seeds, summary=summary, runs=runs)}
+
+
+# ---- context (claim 7): distinct ids vs context length (Heaps' law), per-position loss STEM - SwiGLU
+
+
+def bench_context(bc, device, ctx, keys_set):
+    data_dir = bc.data_dir
+    models = None
+    if bc.ckpt:
+        stem, ckpt, stem_data, meta = load_model(bc.ckpt, device)
+        dense, dckpt, _, _ = load_model(bc.ckpt_swiglu, device, "--ckpt_swiglu")
+        same_data(dckpt, meta, stem_data, bc.ckpt_swiglu)
+        require(dense.cfg.block_size == stem.cfg.block_size, f"the two checkpoints have block_size "
+                f"{stem.cfg.block_size} and {dense.cfg.block_size}: per-position losses need the same context")
+        if "data_dir" in keys_set:
+            same_data(ckpt, load_meta(data_dir), data_dir, bc.ckpt)
+        data_dir, models = stem_data, (stem, dense)
+    meta = load_meta(data_dir)
+    data = np.memmap(os.path.join(data_dir, "train.bin"), dtype=np.dtype(meta["dtype"]), mode="r")
+    Ts, t = [], 16
+    while t <= min(bc.context_max, len(data)):
+        Ts.append(t)
+        t *= 2
+    require(len(Ts) >= 2, f"{data_dir}/train.bin holds {len(data)} tokens: too few for windows of 16 and 32")
+    rng = np.random.default_rng(0)
+    D = [mean_distinct(data, T, bc.context_windows, rng) for T in Ts]
+    k, beta = heaps_fit(Ts, D)
+    rows = [dict(T=str(T), distinct=f"{d:.1f}", fraction=f"{d / T:.3f}", fit=f"{k * T ** beta:.1f}") for T, d in zip(Ts, D)]
+    table(rows, ["T", "distinct", "fraction", "fit"])
+    print(f"# distinct ids (= table rows a STEM layer reads) in a window of T tokens of {data_dir}/train.bin, mean "
+          f"over {bc.context_windows} random windows; Heaps fit D = k T^beta (least squares in log-log): "
+          f"k = {k:.3f}, beta = {beta:.3f}" + (" (sublinear)" if beta < 1 else ""))
+    plot(os.path.join(bc.plot_dir, "context_distinct_ids.png"), "context length T (tokens)", "distinct ids in the window",
+         {"measured": list(zip(Ts, D)), f"fit {k:.2f} T^{beta:.3f}": [(T, k * T ** beta) for T in Ts],
+          "T (all distinct)": [(T, T) for T in Ts]}, logx=True, logy=True)
+    res = dict(data_dir=data_dir, windows=bc.context_windows, T=Ts, distinct=D, heaps_k=k, heaps_beta=beta)
+    if models:
+        stem, dense = models
+        B = bc.batch_size
+        batches = Batches(data_dir, meta, stem.cfg.block_size, B, "cpu", seed=0)
+        gen = torch.Generator().manual_seed(0)
+        ls, ld = [], []
+        for _ in range(bc.context_batches):  # the same validation windows for both models
+            x, y = batches.get("val", gen, to_device=False)
+            x, y = x.to(device), y.to(device)
+            ls.append(position_losses(stem, x, y, ctx))
+            ld.append(position_losses(dense, x, y, ctx))
+        per_window = (torch.cat(ls) - torch.cat(ld)).numpy()  # (windows, T): STEM - SwiGLU
+        ls, ld = torch.cat(ls).mean(0).numpy(), torch.cat(ld).mean(0).numpy()
+        diff = ls - ld
+        T, n_win = len(diff), len(per_window)
+        pos = np.arange(T)
+        slope, icpt = np.polyfit(pos, diff, 1)
+        # the slope is linear in the data: the mean of the per-window slopes; its standard error from their spread
+        slopes = np.polyfit(pos, per_window.T, 1)[0]
+        se = float(slopes.std(ddof=1) / n_win ** 0.5) if n_win > 1 else float("nan")
+        q = max(1, T // 4)
+        first, last = float(diff[:q].mean()), float(diff[-q:].mean())
+        rows = [dict(positions=f"{a}-{b - 1}", stem=f"{ls[a:b].mean():.4f}", swiglu=f"{ld[a:b].mean():.4f}",
+                     diff=f"{diff[a:b].mean():+.4f}") for a, b in
+                [(a, min(T, a + max(1, T // 8))) for a in range(0, T, max(1, T // 8))]]
+        table(rows, ["positions", "stem", "swiglu", "diff"])
+        grows = bool(slope < -2 * se)
+        verdict = ("grows with position" if grows else "shrinks with position" if slope > 2 * se else
+                   "shows no trend with position beyond 2 standard errors")
+        print(f"# validation loss per position (0 = the first predicted token, context of 1), mean over "
+              f"{bc.context_batches} x {B} windows of val.bin; diff = STEM - SwiGLU (negative: STEM better); "
+              f"least-squares slope {slope:+.2e} ± {se:.1e} (standard error over the windows) nats per position "
+              f"(first quarter {first:+.4f}, last quarter {last:+.4f}): STEM's advantage {verdict}")
+        plot(os.path.join(bc.plot_dir, "context_loss_diff_by_position.png"), "position in the context",
+             "val loss STEM - SwiGLU (nats)", {"STEM - SwiGLU": list(zip(pos.tolist(), diff.tolist())),
+                                               f"fit, slope {slope:+.2e}": [(0, icpt), (T - 1, icpt + slope * (T - 1))]})
+        res.update(windows_loss=bc.context_batches * B, loss_stem=ls.tolist(), loss_swiglu=ld.tolist(),
+                   diff=diff.tolist(), slope=float(slope), slope_se=se, intercept=float(icpt),
+                   diff_first_quarter=first, diff_last_quarter=last, advantage_grows=grows, verdict=verdict,
+                   mean_diff=float(diff.mean()))
+    print(f"# plots: {bc.plot_dir}/context_distinct_ids.png" +
+          (f", {bc.plot_dir}/context_loss_diff_by_position.png" if models else ""))
+    return {"context": res}
+
+
+# ---- locality (claim 6): an edit of A changes A's facts, not C's in the same prompt; untouched rows change nothing
+
+
+@torch.no_grad()
+def greedy(model, ids, steps, device, stem_ids=None):
+    """(the greedy continuation's tokens, the logits at every position of the prompt) for one prompt."""
+    x = torch.tensor([ids], device=device)
+    s = None if stem_ids is None else torch.tensor([stem_ids], device=device)
+    out = model.generate(x, steps, temperature=0, stem_ids=s)[0, len(ids):].tolist()
+    logits, _ = model(x, x, stem_ids=s)  # with targets: the logits of every position (the loss is not used)
+    return out, logits[0].float().cpu()
+
+
+def bench_locality(bc, device, ctx):
+    import random
+    import re
+    import prepare_data
+    model, ckpt, data_dir, meta = load_model(bc.ckpt, device)
+    require(model.stem_layers, f"{bc.ckpt} has no table layers (ffn={model.cfg.ffn}): --ckpt must be a STEM checkpoint")
+    facts_path = os.path.join(data_dir, "facts.json")
+    require(os.path.isfile(facts_path), f"{data_dir} is not a facts dataset (no facts.json): --mode locality needs one")
+    facts, enc = json.load(open(facts_path)), prepare_data.load_tokenizer(data_dir)
+    recall = fact_recall(model, enc, facts["probes"], device, ctx)["recall"]
+    probes = edit_probes(facts, enc)
+    edit = fact_recall(model, enc, probes, device, ctx)["recall"]
+    model.eval()  # fact_recall leaves the model in train mode
+    cap = {p["entity"]: p for p in facts["probes"] if p["attribute"] == LOCALITY_ATTRIBUTE}
+    names = sorted(cap)
+    rng = random.Random(0)
+    n = dict(pairs=0, skipped=0, unchanged=0, correct=0, correct_edited=0, control=0, control_unchanged=0,
+             control_identical=0, positive=0, positive_changed=0)
+
+    def toks(name):
+        return enc.encode(" " + name)
+    for _ in range(bc.locality_pairs):
+        a, c, b = rng.sample(names, 3)
+        prompt = cap[a]["prompt"] + cap[a]["answer"] + ". " + cap[c]["prompt"]
+        edited = re.sub(rf"\b{re.escape(a)}\b", b, prompt)
+        ids, sids = enc.encode(prompt), enc.encode(edited)
+        if len(ids) != len(sids) or len(ids) > model.cfg.block_size - 8:
+            n["skipped"] += 1  # a swap that changes the token count has no position-wise edit
+            continue
+        steps = len(enc.encode(cap[c]["answer"]))
+        with ctx:
+            plain, plain_logits = greedy(model, ids, steps, device)
+            moved, _ = greedy(model, ids, steps, device, sids)
+        n["pairs"] += 1
+        n["unchanged"] += moved == plain
+        n["correct"] += enc.decode(plain).startswith(cap[c]["answer"])
+        n["correct_edited"] += enc.decode(moved).startswith(cap[c]["answer"])
+        used = set(ids) | set(plain)  # every id the unedited run looks up (prompt, then its own answer)
+        # control: swap the table rows of D and E, two entities whose tokens the run never looks up
+        for _ in range(20):
+            d, e = rng.sample([m for m in names if m not in (a, c)], 2)
+            if len(toks(d)) == len(toks(e)) and not (set(toks(d)) | set(toks(e))) & used and not set(toks(d)) & set(toks(e)):
+                swap_rows(model, toks(d), toks(e))
+                with ctx:
+                    out, logits = greedy(model, ids, steps, device)
+                swap_rows(model, toks(d), toks(e))  # back
+                n["control"] += 1
+                n["control_unchanged"] += out == plain
+                n["control_identical"] += bool(torch.equal(logits, plain_logits))
+                break
+        # positive control: the same row swap on A, whose tokens are in the prompt, does change the logits
+        ta, tb = toks(a), toks(b)
+        if len(ta) == len(tb) and not set(ta) & set(tb):
+            swap_rows(model, ta, tb)
+            with ctx:
+                _, logits = greedy(model, ids, steps, device)
+            swap_rows(model, ta, tb)
+            n["positive"] += 1
+            n["positive_changed"] += not torch.equal(logits, plain_logits)
+    require(n["pairs"] > 0, f"no two-entity probe of {data_dir} keeps its token count under the edit")
+    frac = lambda k, of: n[k] / n[of] if n[of] else None  # noqa: E731
+    loc = dict(fact_recall=recall, edit_success=edit, edit_probes=len(probes), pairs=n["pairs"], skipped=n["skipped"],
+               unchanged=frac("unchanged", "pairs"), c_correct=frac("correct", "pairs"),
+               c_correct_edited=frac("correct_edited", "pairs"), control_pairs=n["control"],
+               control_unchanged=frac("control_unchanged", "control"),
+               control_identical_logits=frac("control_identical", "control"), positive_pairs=n["positive"],
+               positive_changed_logits=frac("positive_changed", "positive"))
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    rows = [dict(what="fact recall (all probes)", value=fmt(recall), n=str(len(facts["probes"]))),
+            dict(what="edit success: A's prompt with B's rows answers B's fact", value=fmt(edit), n=str(len(probes))),
+            dict(what="locality: C's answer unchanged by the edit A->B", value=fmt(loc["unchanged"]), n=str(n["pairs"])),
+            dict(what="  C answered correctly, without / with the edit",
+                 value=f"{fmt(loc['c_correct'])} / {fmt(loc['c_correct_edited'])}", n=str(n["pairs"])),
+            dict(what="control: rows of D, E (not looked up) swapped: answer unchanged", value=fmt(loc["control_unchanged"]),
+                 n=str(n["control"])),
+            dict(what="  logits at every prompt position bitwise identical", value=fmt(loc["control_identical_logits"]), n=str(n["control"])),
+            dict(what="positive control: rows of A, B swapped: prompt logits changed", value=fmt(loc["positive_changed_logits"]),
+                 n=str(n["positive"]))]
+    table(rows, ["what", "value", "n"])
+    print(f"# two-entity probes: '{cap[names[0]]['prompt']}{cap[names[0]]['answer']}. <the same for C>' -> C's "
+          f"{LOCALITY_ATTRIBUTE}; the edit looks A's tokens up through B's rows (stem_ids, as sample.py --edit); "
+          f"greedy answers of len(C's answer) tokens compared. {n['skipped']} random triples skipped (token count "
+          f"changes). Control: a STEM layer reads only the rows of the ids at its positions, so rows of ids the run "
+          f"never looks up cannot change anything: 1.0 exactly is the expected value, not a measurement of the model")
+    if model.stem_layers[0] == model.cfg.n_layer - 1:
+        print(f"# note: the first table layer is the last layer ({model.stem_layers[0]}): no attention follows it, so "
+              f"an edit cannot reach C's positions and locality is 1.0 by construction here")
+    bars(os.path.join(bc.plot_dir, "locality.png"),
+         ["fact recall", "edit success", "C unchanged\nby edit of A", "C correct", "C correct\nafter edit",
+          "control\nunchanged"],
+         [recall, edit, loc["unchanged"], loc["c_correct"], loc["c_correct_edited"], loc["control_unchanged"] or 0.0],
+         "fraction", f"{os.path.basename(os.path.dirname(os.path.abspath(ckpt_file(bc.ckpt))))}: {n['pairs']} two-entity probes")
+    print(f"# plot: {bc.plot_dir}/locality.png")
+    return {"locality": loc}
+
+
+LOCALITY_ATTRIBUTE = "capital"  # the two-entity probes ask for this attribute (1 in 400 by chance)
+
+
 def check_config(bc, mc):
     """Every value in range before anything is measured or written: one error line otherwise."""
     require(bc.mode in MODES, f"mode={bc.mode!r} is not one of {', '.join(MODES)}")
@@ -611,6 +1193,35 @@ def check_config(bc, mc):
         require(all(len(p) == n and all(v.isdigit() and int(v) > 0 for v in p) for p in parts),
                 f"{key}={spec!r} is not a comma-separated list of " + ("ExFxN shapes (n_embd x ffn_hidden x tokens), "
                 "e.g. 128x512x4096" if n == 3 else "positive row counts, e.g. 16,64,256"))
+    for k in ("spread_ids", "spread_tokens", "stability_steps", "spike_window", "context_max", "context_windows",
+              "context_batches", "locality_pairs"):
+        require(getattr(bc, k) >= 1, f"{k}={getattr(bc, k)} must be at least 1")
+    require(bc.spread_ids >= 2, f"spread_ids={bc.spread_ids} must be at least 2 (|cos| is over pairs of rows)")
+    require(bc.spread_layer >= -1, f"spread_layer={bc.spread_layer} must be a layer index, or -1 for the first table layer")
+    require(bc.spread_pool in ("mean", "first"), f"spread_pool={bc.spread_pool!r} is not one of mean, first")
+    require(bc.spike_margin > 0, f"spike_margin={bc.spike_margin} must be positive (nats)")
+    require(bc.context_max >= 32, f"context_max={bc.context_max} must be at least 32 (windows of 16 and 32 at least)")
+    require(all(s.strip().lstrip("-").isdigit() for s in bc.stability_seeds.split(",")),
+            f"stability_seeds={bc.stability_seeds!r} is not a comma-separated list of integers, e.g. 1,2,3")
+    try:
+        lrs = [float(m) for m in bc.stability_lrs.split(",")]
+    except ValueError:
+        lrs = [0.0]
+    require(all(m > 0 and math.isfinite(m) for m in lrs), f"stability_lrs={bc.stability_lrs!r} is not a comma-separated "
+            f"list of positive multiples, e.g. 1,3")
+    if bc.mode in ("spread", "locality"):
+        require(bc.ckpt, f"--mode {bc.mode} needs --ckpt=STEM_CHECKPOINT (a ckpt.pt or its run folder)")
+    if bc.mode == "context":
+        require(bool(bc.ckpt) == bool(bc.ckpt_swiglu), "--mode context compares two checkpoints: give both --ckpt "
+                "and --ckpt_swiglu, or neither (distinct ids only)")
+    for k in ("ckpt", "ckpt_swiglu"):
+        if getattr(bc, k) and bc.mode in ("spread", "context", "locality"):
+            require(os.path.isfile(ckpt_file(getattr(bc, k))), f"{k}={getattr(bc, k)}: no checkpoint there (a ckpt.pt, "
+                    f"or a run folder holding one)")
+    if bc.mode == "stability":
+        require(os.path.isfile(bc.train_preset), f"train_preset={bc.train_preset}: no such preset file")
+        if os.path.exists(bc.stability_dir) and not os.path.isdir(bc.stability_dir):
+            raise UserError(f"stability_dir={bc.stability_dir} is a file, not a folder: choose another --stability_dir")
     if os.path.exists(bc.plot_dir) and not os.path.isdir(bc.plot_dir):
         raise UserError(f"plot_dir={bc.plot_dir} is a file, not a folder: choose another --plot_dir")
     check_model_config(mc)
@@ -618,11 +1229,25 @@ def check_config(bc, mc):
 
 def main(argv):
     bc, mc = BenchConfig(), GPTConfig()
-    parse_config(argv, bc, mc, doc=__doc__)
+    keys_set = parse_config(argv, bc, mc, doc=__doc__)
     check_config(bc, mc)
     if bc.mode == "quality":
         header(bc, None, None, None, "summary of saved runs")
         res = bench_quality(bc)
+    elif bc.mode in ("spread", "stability", "context", "locality"):
+        device, dtype, ctx, note = resolve_device(bc.device, bc.dtype)
+        header(bc, None, device, dtype, note)
+        if bc.mode == "spread":
+            res = bench_spread(bc, device, ctx)
+        elif bc.mode == "stability":
+            if "data_dir" not in keys_set:  # the preset's data
+                bc.data_dir = read_preset(bc.train_preset).get("data_dir", bc.data_dir)
+            res = bench_stability(bc, mc, keys_set)
+        elif bc.mode == "context":
+            res = bench_context(bc, device, ctx, keys_set)
+        else:
+            res = bench_locality(bc, device, ctx)
+        res.update(device=note, torch=torch.__version__)
     else:
         device, dtype, ctx, note = resolve_device(bc.device, bc.dtype)
         if bc.variant:  # a child of --mode train: one variant, one JSON line
