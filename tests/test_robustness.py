@@ -168,8 +168,11 @@ def test_ctrl_c_leaves_a_whole_checkpoint_and_the_resume_command(facts, tmp_path
     out = str(tmp_path / "run")
     args = [f"--data_dir={facts}", f"--out_dir={out}", "--max_iters=100000", "--eval_interval=2", "--eval_facts=False",
             *TINY]
+    # SIGINT at its default in the child: a shell that runs the tests in the background ignores it, and
+    # a child inherits an ignored signal (Python then never raises KeyboardInterrupt)
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:
         if line.startswith("step     5 "):  # checkpoints at 0, 2 and 4 have been written
             break
