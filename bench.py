@@ -832,7 +832,7 @@ def bench_spread(bc, device, ctx):
         require(dense.cfg.ffn_hidden == W, f"--ckpt_swiglu has ffn_hidden={dense.cfg.ffn_hidden}, the STEM model "
                 f"{W}: |cos| depends on the width, so the two must match")
         for L in layers:
-            require(isinstance(dense.blocks[L].ffn, SwiGLU), f"layer {L} of --ckpt_swiglu is not a SwiGLU FFN "
+            require(type(dense.blocks[L].ffn) is SwiGLU, f"layer {L} of --ckpt_swiglu is not a SwiGLU FFN "
                     f"(ffn={dense.cfg.ffn}, its layers {dense.ffn_layers}): no up-projection to compare")
         swiglu_vecs, found, read = up_outputs(dense, layers, ids, data_dir, meta, bc.spread_pool, bc.spread_tokens,
                                               bc.batch_size, device, ctx)

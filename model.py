@@ -130,16 +130,13 @@ class STEMGate(nn.Module):
         return self.down(F.silu(u.to(x.dtype)) * self.up(x))
 
 
-class STEMAdd(nn.Module):
+class STEMAdd(SwiGLU):
     # the up-projection is kept and the row is added to it: y = W_down(silu(W_gate x) * (W_up x + U_l[t])).
     # More parameters and FLOPs than STEM, reported no better. The table has STEM's xavier-normal init,
     # not zeros, so that it differs from STEM in one thing only; its rows (std sqrt(2 / (V + ffn)))
     # are already small next to W_up x (std about 1), so the layer starts close to SwiGLU either way.
     def __init__(self, cfg):
-        super().__init__()
-        self.gate = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
-        self.up = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
-        self.down = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=False)
+        super().__init__(cfg)  # SwiGLU's gate, up and down, then the table
         self.table = nn.Parameter(torch.empty(cfg.vocab_size, cfg.ffn_hidden))
 
     def forward(self, x, ids, table=None):
