@@ -18,12 +18,16 @@
 #   the bench modes (spread 6x ~10 s, context 6x ~40 s, locality 9x ~45 s, quality ~3 min)   ~15 min
 #   total: about 1 h 40 min with quality.sh's runs present, about 2 h 40 min from nothing.
 # Resumable: finished runs are kept (an interrupted one continues with --init_from=resume), and a bench
-# output that finished (runs/claims/NAME.txt) is not redone: delete it to redo it.
+# output that finished (runs/claims/NAME.txt) is not redone: delete it to redo it. Each part trains only
+# the runs it reads, so CLAIMS picks parts: "1-3" (quality.sh's 24 runs, the 9 ablation runs, the quality
+# bench), "4", "5-7" (Shakespeare SwiGLU/third/all and facts400 third/half/all per seed).
 #   bash claims.sh
+#   CLAIMS="4 5-7" bash claims.sh               # claims 4-7 only: 18 runs + 18 stability runs + the benches
 #   SEEDS="1" STABILITY_STEPS=40 bash claims.sh # a quick look: no claim of a difference from one seed
 # Offline, point SHAKESPEARE and TOKENIZER at local files (defaults: download / tiktoken's gpt2).
 set -euo pipefail
 SEEDS=${SEEDS:-"1 2 3"}
+CLAIMS=${CLAIMS:-"1-3 4 5-7"}
 STABILITY_STEPS=${STABILITY_STEPS:-100}
 SHAKESPEARE=${SHAKESPEARE:-}
 TOKENIZER=${TOKENIZER:-gpt2}
@@ -56,29 +60,35 @@ bench() {  # bench NAME ARGS...: runs/claims/NAME.txt, skipped when it holds a f
   mv "$OUT/$name.txt.tmp" "$OUT/$name.txt"
 }
 
-# ---- the runs: quality.sh's (same names, so either script reuses the other's) and the ablations
-for seed in $SEEDS; do
-  for ds in facts400 shakespeare; do
-    for arch in swiglu stem-third stem-half stem-all; do
-      if [ "$arch" = swiglu ]; then a="--ffn=swiglu"; else a="--ffn=stem --stem_layers=${arch#stem-}"; fi
-      train "runs/$ds-$arch-s$seed" presets/$ds.py $a --seed=$seed
-    done
-  done
-  for ffn in stem_gate stem_add hash_moe; do  # the paper's ablations replace STEM in STEM's layers (1/3)
-    train "runs/shakespeare-$ffn-third-s$seed" presets/shakespeare.py --ffn=$ffn --stem_layers=third --seed=$seed
-  done
-done
+run() {  # run DATASET ARCH SEED: quality.sh's runs (same names, so either script reuses the other's)
+  local a="--ffn=stem --stem_layers=${2#stem-}"; [ "$2" = swiglu ] && a="--ffn=swiglu"
+  train "runs/$1-$2-s$3" presets/$1.py $a --seed=$3
+}
+part() { [[ " $CLAIMS " == *" $1 "* ]]; }
 
 # ---- claims 1-3: validation loss, recall, edit success per model, mean ± sd over seeds
-bench quality --mode quality --runs runs --plot_dir="$OUT/plots"
+if part 1-3; then
+  for seed in $SEEDS; do
+    for ds in facts400 shakespeare; do
+      for arch in swiglu stem-third stem-half stem-all; do run $ds $arch $seed; done
+    done
+    for ffn in stem_gate stem_add hash_moe; do  # the paper's ablations replace STEM in STEM's layers (1/3)
+      train "runs/shakespeare-$ffn-third-s$seed" presets/shakespeare.py --ffn=$ffn --stem_layers=third --seed=$seed
+    done
+  done
+  bench quality --mode quality --runs runs --plot_dir="$OUT/plots"
+fi
 
 # ---- claim 4: loss spikes (its own short runs, kept in runs/claims/stability)
-bench stability --mode stability --data_dir=data/shakespeare-gpt2 --train_preset=presets/shakespeare.py \
+part 4 && bench stability --mode stability --data_dir=data/shakespeare-gpt2 --train_preset=presets/shakespeare.py \
   --stem_layers=third --stability_seeds="$(echo $SEEDS | tr ' ' ',')" --stability_lrs=1,3 --stability_steps="$STABILITY_STEPS" \
   --spike_window=20 --spike_margin=0.5 --stability_dir="$OUT/stability" --plot_dir="$OUT/plots"
 
 # ---- claims 5, 7 (per seed, each STEM run against the SwiGLU run of the same seed) and 6
 for seed in $SEEDS; do
+  part 5-7 || break
+  for arch in swiglu stem-third stem-all; do run shakespeare $arch $seed; done
+  for arch in stem-third stem-half stem-all; do run facts400 $arch $seed; done
   for arch in stem-third stem-all; do
     bench "spread-$arch-s$seed" --mode spread --ckpt="runs/shakespeare-$arch-s$seed" \
       --ckpt_swiglu="runs/shakespeare-swiglu-s$seed" --spread_ids=256 --plot_dir="$OUT/plots-spread-$arch-s$seed"
@@ -106,10 +116,11 @@ def show(label, vals, f=".4f"):
         sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
         print(f"{label:50s} {statistics.mean(vals):{f}} ± {sd:{f.lstrip('+')}}   per seed: " + " ".join(f"{v:{f}}" for v in vals))
 print("claims 1-3: see quality.txt (val loss, recall and edit success per model, mean ± sd over seeds)")
-st = last("stability.txt")["stability"]
-print(f"claim 4: loss spikes per run ({st['definition']}; W {st['window']}, margin {st['margin']} nats, {st['steps']} steps)")
-for s in st["summary"]:
-    print(f"  {s['ffn']:9s} lr {s['lr_mult']:g}x: spikes per seed {s['spikes_per_seed']}, mean {s['spikes_mean']:.2f}")
+if os.path.exists(os.path.join(out, "stability.txt")):
+    st = last("stability.txt")["stability"]
+    print(f"claim 4: loss spikes per run ({st['definition']}; W {st['window']}, margin {st['margin']} nats, {st['steps']} steps)")
+    for s in st["summary"]:
+        print(f"  {s['ffn']:9s} lr {s['lr_mult']:g}x: spikes per seed {s['spikes_per_seed']}, mean {s['spikes_mean']:.2f}")
 for arch in ("stem-third", "stem-all"):
     sp = [r["spread"] for r in runs(f"spread-{arch}")]
     print(f"claim 5 ({arch}, headline layer): pairwise |cos| of rows, median / P95")
