@@ -16,11 +16,11 @@ s. 8). A checkpoint is given as its file or its run folder, and is read with the
 
 Each mode prints a header (device, dtype, torch, config), a table, and as its last line one JSON
 object holding every figure. Timings: burn_in steps, then `steps` timed steps, synchronised on CUDA;
-variants are timed side by side in one run and reported as ratios (ffn, offload, decode: in one
-process; train: a child process per variant, round-robin over --repeats, so that each variant's
-memory is its own). Memory in `train` mode is the peak CUDA allocation, or on the CPU the peak RSS
-of the variant's process. Plots go to --plot_dir (default out/bench, outside git); the README's
-figures were written with --plot_dir=assets.
+variants are timed side by side in one process and reported as ratios (train: each of --repeats child
+processes times every variant, the variants taking turns of --turn steps; medians over the children;
+each variant's peak memory from a child of its own: the peak CUDA allocation, or on the CPU the peak
+RSS). Plots go to --plot_dir (default out/bench, outside git); the README's figures were written with
+--plot_dir=assets.
 """
 
 import json
@@ -66,7 +66,8 @@ class BenchConfig:
     ckpt_swiglu: str = ""  # spread, context: the SwiGLU checkpoint (same data) to compare --ckpt with
     runs: str = "runs"  # quality mode: folders written by quality.sh
     variants: str = "swiglu,stem-dense,stem-lazy,stem-offload"  # train mode
-    repeats: int = 1  # train mode: runs per variant, round-robin; the median is reported
+    repeats: int = 1  # train mode: child processes, each timing every variant; medians over them are reported
+    turn: int = 5  # train mode: steps a variant runs before the next one's turn (drained at the end of each turn)
     shape: str = "gpt2-small"  # offload mode: the shape for host rates and the step model, or "model" (--n_layer=...)
     unique_ids: int = 0  # offload mode: K for the step model; 0 = measured on data_dir if its vocabulary fits, else 10k
     shared_fraction: float = 0.45  # offload mode: with --unique_ids, the fraction of K the previous step shares
@@ -88,7 +89,7 @@ class BenchConfig:
     context_windows: int = 200  # context: random windows per T for distinct ids
     context_batches: int = 8  # context: validation batches (of batch_size windows) for the per-position loss
     locality_pairs: int = 100  # locality: random entity triples (A, B, C) for the two-entity probes
-    variant: str = ""  # internal: train mode runs each variant in a child process
+    variant: str = ""  # internal: a child of train mode runs these variants ("a,b": in turns; "a": its memory)
 
 
 def sync(device):
@@ -161,7 +162,8 @@ def bench_ffn(bc, device, ctx):
     """One FFN layer, forward and backward: SwiGLU; STEM with the dense table gradient that a plain
     lookup's backward builds (vocab x ffn_hidden, the dense optimizer's); STEM with the lazy
     optimizer's compact rows (unique ids, gathered rows, a (K, ffn_hidden) gradient: tables.py),
-    the unique and the gather counted in."""
+    the unique and the gather counted in; and STEM's floor, a SwiGLU whose W_up x is handed in ready
+    (2/3 of the matmuls, all of the elementwise work), against which the table's cost is measured."""
     rows, out = [], []
     for shape in bc.shapes.split(","):
         try:
@@ -177,9 +179,14 @@ def bench_ffn(bc, device, ctx):
         lazy.load_state_dict(stem.state_dict())
         lazy.table.requires_grad_(False)  # as ResidentTables does: gradients go to the compact leaf
 
-        def run(layer, lazy_rows=False):
+        u0 = torch.randn(1, n, h, device=device)  # the floor: SwiGLU with W_up x replaced by a ready tensor
+
+        def run(layer, lazy_rows=False, floor=False):
             def step():
-                if lazy_rows:
+                if floor:
+                    with ctx:
+                        y = layer.down(F.silu(layer.gate(x)) * u0)
+                elif lazy_rows:
                     uniq, inv = torch.unique(ids, return_inverse=True)
                     leaf = layer.table.index_select(0, uniq).requires_grad_()  # (K, ffn), as tables.py
                     with ctx:
@@ -191,24 +198,28 @@ def bench_ffn(bc, device, ctx):
                 layer.zero_grad(set_to_none=True)
                 x.grad = None
             return step
-        res = timed_side_by_side(dict(swiglu=run(swiglu), stem_dense=run(stem), stem_lazy=run(lazy, True)),
-                                 device, bc.burn_in, bc.steps)
+        res = timed_side_by_side(dict(swiglu=run(swiglu), stem_dense=run(stem), stem_lazy=run(lazy, True),
+                                      floor=run(swiglu, floor=True)), device, bc.burn_in, bc.steps)
         theory = 2 / 3  # two matmuls instead of three, forward and backward alike
-        r = {k: res[k] / res["swiglu"] for k in ("stem_dense", "stem_lazy")}
+        r = {k: res[k] / res["swiglu"] for k in ("stem_dense", "stem_lazy", "floor")}
         rows.append(dict(shape=f"d={d} ffn={h} tokens={n}", swiglu=f"{res['swiglu'] * 1e3:.2f} ms",
                          stem_dense=f"{res['stem_dense'] * 1e3:.2f} ms ({r['stem_dense']:.3f})",
-                         stem_lazy=f"{res['stem_lazy'] * 1e3:.2f} ms ({r['stem_lazy']:.3f})", flop_ratio=f"{theory:.3f}"))
+                         stem_lazy=f"{res['stem_lazy'] * 1e3:.2f} ms ({r['stem_lazy']:.3f})",
+                         floor=f"{res['floor'] * 1e3:.2f} ms ({r['floor']:.3f})",
+                         lazy_vs_floor=f"{res['stem_lazy'] / res['floor']:.3f}", flop_ratio=f"{theory:.3f}"))
         out.append(dict(n_embd=d, ffn_hidden=h, tokens=n, swiglu_ms=res["swiglu"] * 1e3,
                         stem_dense_ms=res["stem_dense"] * 1e3, stem_lazy_ms=res["stem_lazy"] * 1e3,
-                        dense_ratio=r["stem_dense"], lazy_ratio=r["stem_lazy"], flop_ratio=theory))
-    table(rows, ["shape", "swiglu", "stem_dense", "stem_lazy", "flop_ratio"])
+                        floor_ms=res["floor"] * 1e3, dense_ratio=r["stem_dense"], lazy_ratio=r["stem_lazy"],
+                        floor_ratio=r["floor"], flop_ratio=theory))
+    table(rows, ["shape", "swiglu", "stem_dense", "stem_lazy", "floor", "lazy_vs_floor", "flop_ratio"])
     print("# (ratio to SwiGLU in brackets); stem_dense: the dense (vocab, ffn) table gradient; stem_lazy: "
-          "compact rows, unique and gather included")
+          "compact rows, unique and gather included; floor: SwiGLU with W_up x replaced by a ready tensor, i.e. "
+          "one matmul fewer and the same elementwise work: what STEM costs if its table were free")
     return {"ffn": out, "table_vocab": bc.table_vocab}
 
 
 # -----------------------------------------------------------------------------
-# train: whole steps, each variant in its own child process (so that peak RSS is its own)
+# train: whole training steps, the variants side by side in child processes
 
 VARIANTS = {  # name: (ffn, table_optimizer, offload)
     "swiglu": ("swiglu", "dense", False),
@@ -218,14 +229,14 @@ VARIANTS = {  # name: (ffn, table_optimizer, offload)
 }
 
 
-def train_variant(bc, mc, device, ctx):
-    """Timed training steps of one variant; returns its figures."""
-    ffn, table_optimizer, offloaded = VARIANTS[bc.variant]
-    mc.ffn = ffn
-    meta = load_meta(bc.data_dir)
-    mc.vocab_size = meta["vocab_size"]
+def trainer(variant, bc, mc, device, ctx):
+    """One variant's training step (train.py's loop, one micro-batch a step), the function that drains
+    its pipeline, and its training FLOPs per token. Every variant starts from seed 0 and reads the
+    same batches."""
+    ffn, table_optimizer, offloaded = VARIANTS[variant]
+    mc = GPTConfig(**{**asdict(mc), "ffn": ffn, "vocab_size": load_meta(bc.data_dir)["vocab_size"]})
     torch.manual_seed(0)
-    batches = Batches(bc.data_dir, meta, mc.block_size, bc.batch_size, device, seed=0)
+    batches = Batches(bc.data_dir, load_meta(bc.data_dir), mc.block_size, bc.batch_size, device, seed=0)
     model = GPT(mc)
     flops = 3 * model.flops_per_token()
     if offloaded:
@@ -238,7 +249,7 @@ def train_variant(bc, mc, device, ctx):
     upcoming = batches.get("train", to_device=False)
     tables.prefetch([upcoming[0]])
 
-    def step():  # train.py's loop, one micro-batch a step
+    def step():
         nonlocal upcoming
         (x, y), ((stem_ids, stem_tables),) = upcoming, tables.rows()
         upcoming = batches.get("train", to_device=False)
@@ -251,17 +262,51 @@ def train_variant(bc, mc, device, ctx):
         optimizer.step()
         tables.step(1e-3, 1.0)
         optimizer.zero_grad(set_to_none=True)
+    return step, tables.sync, flops
 
+
+def timed_turns(fns, drains, device, burn_in, steps, turn):
+    """Seconds per step of each variant, the variants taking turns in one process: `turn` steps of
+    a, then of b, ..., until each has run `steps` timed steps. A turn runs back to back (the GPU
+    runs ahead, offload's threads run behind) and is drained at its end, so a turn's mean counts
+    the pipeline's tail. Median over the turns. Taking turns, every variant meets the same state of
+    the machine (other jobs, clock, the allocator's heap), which separate processes do not."""
+    for k, fn in fns.items():
+        for _ in range(burn_in):
+            fn()
+        drains[k]()
+    per_step = {k: [] for k in fns}
+    for i in range(0, steps, turn):
+        n = min(turn, steps - i)
+        for k, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            drains[k]()
+            sync(device)
+            per_step[k].append((time.perf_counter() - t0) / n)
+    return {k: statistics.median(v) for k, v in per_step.items()}
+
+
+def train_child(bc, mc, device, ctx):
+    """A child of --mode train. --variant=a,b,...: the variants' steps taken in turns, in one process
+    (the speed figures). --variant=a: that variant alone, for its peak memory."""
+    names = bc.variant.split(",")
+    built = {v: trainer(v, bc, mc, device, ctx) for v in names}
+    if len(names) > 1:
+        dt = timed_turns({v: b[0] for v, b in built.items()}, {v: b[1] for v, b in built.items()}, device,
+                         bc.burn_in, bc.steps, bc.turn)
+        return {v: dict(step_s=dt[v], train_flops_per_token=built[v][2]) for v in names}
+    step, drain, _ = built[names[0]]
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    dt = timed(step, device, bc.burn_in, bc.steps, tables.sync)
-    tok = bc.batch_size * mc.block_size
+    for _ in range(max(bc.burn_in, 1) + 1):
+        step()
+    drain()
     if device.startswith("cuda"):
-        mem = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
-    return dict(variant=bc.variant, step_ms=dt * 1e3, tok_per_s=tok / dt, peak_mem_mib=mem,
-                train_flops_per_token=flops)
+        return dict(peak_mem_mib=torch.cuda.max_memory_allocated() / 2**20)
+    return dict(peak_mem_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB -> MiB on Linux
 
 
 def peak_flops(bc, device):
@@ -271,10 +316,10 @@ def peak_flops(bc, device):
     return bc.peak_flops
 
 
-def run_variants(argv, variants, repeats):
-    """Each variant's training steps in a child process of its own (its peak memory is its own), the
-    variants round-robin `repeats` times; per variant the run with the median tokens/s."""
-    runs = {v: [] for v in variants}
+def run_variants(argv, variants, repeats, tokens):
+    """Speed: `repeats` child processes, each timing every variant in turns (timed_turns); per variant
+    the median over the children of its tokens/s and of its ratio to the first variant. Memory: one
+    child per variant, alone, for its peak."""
     args, rest = [], list(argv)
     while rest:  # the parent's arguments, less the ones the child gets anew (--key=value or --key value)
         a = rest.pop(0)
@@ -283,19 +328,28 @@ def run_variants(argv, variants, repeats):
                 rest.pop(0)
             continue
         args.append(a)
-    for _ in range(repeats):
-        for v in variants:
-            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--mode=train", *args, f"--variant={v}"],
-                               capture_output=True, text=True)
-            if p.returncode != 0:
-                raise UserError(f"variant {v} failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
-            runs[v].append(json.loads(p.stdout.strip().splitlines()[-1]))
+
+    def child(variant):
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--mode=train", *args, f"--variant={variant}"],
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            raise UserError(f"variant {variant} failed: "
+                            f"{p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    runs = [child(",".join(variants)) for _ in range(repeats)]
     out = []
-    for v, rs in runs.items():
-        rs.sort(key=lambda r: r["tok_per_s"])
-        med = dict(rs[len(rs) // 2], tok_per_s_runs=[r["tok_per_s"] for r in rs])
-        out.append(med)
+    for v in variants:
+        steps = [r[v]["step_s"] for r in runs]
+        out.append(dict(variant=v, step_ms=statistics.median(steps) * 1e3, tok_per_s=tokens / statistics.median(steps),
+                        step_s_runs=steps, train_flops_per_token=runs[0][v]["train_flops_per_token"],
+                        peak_mem_mib=child(v)["peak_mem_mib"]))
     return out
+
+
+def speedup(r, base):
+    """Median over the children of base's step time / r's, each pair timed side by side in one child."""
+    return statistics.median(b / t for b, t in zip(base["step_s_runs"], r["step_s_runs"])) if base else None
 
 
 def bench_train(bc, mc, device, argv):
@@ -306,22 +360,25 @@ def bench_train(bc, mc, device, argv):
             raise UserError(f"variants: {v!r} is not one of {', '.join(VARIANTS)}")
     if mc.ffn == "swiglu":
         names = [v for v in names if VARIANTS[v][0] == "swiglu"]
-    results = run_variants(argv, names, bc.repeats)
+    results = run_variants(argv, names, bc.repeats, bc.batch_size * mc.block_size)
     base = next((r for r in results if r["variant"] == "swiglu"), None)
     lazy = next((r for r in results if r["variant"] == "stem-lazy"), None)
     rows = []
     for r in results:
-        r["vs_swiglu"] = r["tok_per_s"] / base["tok_per_s"] if base else None
-        r["vs_stem_lazy"] = r["tok_per_s"] / lazy["tok_per_s"] if lazy else None
+        r["vs_swiglu"], r["vs_stem_lazy"] = speedup(r, base), speedup(r, lazy)
         r["mfu"] = r["train_flops_per_token"] * r["tok_per_s"] / peak if peak else None
         rows.append(dict(variant=r["variant"], step=f"{r['step_ms']:.1f} ms", tok_s=f"{r['tok_per_s']:,.0f}",
-                         runs=" ".join(f"{t:,.0f}" for t in r["tok_per_s_runs"]),
-                         vs_swiglu=f"{r['vs_swiglu']:.3f}" if r["vs_swiglu"] else "-",
-                         vs_lazy=f"{r['vs_stem_lazy']:.3f}" if r["vs_stem_lazy"] else "-",
+                         runs=" ".join(f"{t * 1e3:.0f}" for t in r["step_s_runs"]),
+                         vs_swiglu=f"{r['vs_swiglu']:.3f}" if base else "-",
+                         swiglu_runs=" ".join(f"{b / t:.3f}" for b, t in zip(base["step_s_runs"], r["step_s_runs"]))
+                         if base else "-",
+                         vs_lazy=f"{r['vs_stem_lazy']:.3f}" if lazy else "-",
                          mem=f"{r['peak_mem_mib']:,.0f} MiB", mfu=f"{r['mfu']:.1%}" if r["mfu"] else "n/a"))
-    table(rows, ["variant", "step", "tok_s", "runs", "vs_swiglu", "vs_lazy", "mem", "mfu"])
-    print(f"# tok_s: the median of {bc.repeats} runs (all runs listed), the variants run round-robin; memory: "
-          f"{'peak CUDA allocation' if device.startswith('cuda') else 'peak RSS of the child process'}; "
+    table(rows, ["variant", "step", "tok_s", "runs", "vs_swiglu", "swiglu_runs", "vs_lazy", "mem", "mfu"])
+    print(f"# {bc.repeats} child process(es), each timing every variant in turns of {bc.turn} steps ({bc.steps} timed "
+          f"steps each, after {bc.burn_in} untimed); step: the median over the children (runs: each child's, ms); "
+          f"vs_*: the median of the children's ratios (swiglu_runs: each child's); memory: "
+          f"{'peak CUDA allocation' if device.startswith('cuda') else 'peak RSS'} of the variant alone in a child; "
           f"MFU peak: {peak if peak else 'unknown (pass --peak_flops)'}")
     return {"train": results, "batch_size": bc.batch_size, "block_size": mc.block_size, "peak_flops": peak}
 
@@ -452,10 +509,10 @@ def bench_offload(bc, mc, device, argv):
     if cuda and bc.shape != "model":  # the real thing: resident-lazy and offloaded training at the shape
         args = [f"--{k}={v}" for k, v in shape.items()] + [a for a in argv if a.startswith(("--data_dir", "--steps",
                                                                                             "--burn_in", "--dtype"))]
-        runs = run_variants(args, ["stem-lazy", "stem-offload"], 1)
+        runs = run_variants(args, ["stem-lazy", "stem-offload"], 1, shape["batch_size"] * shape["block_size"])
         lazy, off = runs
         mfu = [r["train_flops_per_token"] * r["tok_per_s"] / peak for r in runs]
-        res["measured"] = dict(resident_lazy=lazy, offloaded=off, ratio=off["tok_per_s"] / lazy["tok_per_s"],
+        res["measured"] = dict(resident_lazy=lazy, offloaded=off, ratio=speedup(off, lazy),
                                gpu_mem_saved_mib=lazy["peak_mem_mib"] - off["peak_mem_mib"], mfu=mfu)
         rows += [dict(what="MEASURED offloaded/resident-lazy tok/s",
                       value=f"{res['measured']['ratio']:.3f} ({off['tok_per_s']:,.0f} vs {lazy['tok_per_s']:,.0f})"),
@@ -1181,7 +1238,7 @@ LOCALITY_ATTRIBUTE = "capital"  # the two-entity probes ask for this attribute (
 def check_config(bc, mc):
     """Every value in range before anything is measured or written: one error line otherwise."""
     require(bc.mode in MODES, f"mode={bc.mode!r} is not one of {', '.join(MODES)}")
-    for k in ("batch_size", "steps", "repeats", "decode_tokens", "table_vocab"):
+    for k in ("batch_size", "steps", "repeats", "turn", "decode_tokens", "table_vocab"):
         require(getattr(bc, k) >= 1, f"{k}={getattr(bc, k)} must be at least 1")
     require(bc.burn_in >= 0 and bc.unique_ids >= 0, "burn_in and unique_ids must be 0 or more")
     require(0 <= bc.shared_fraction <= 1, f"shared_fraction={bc.shared_fraction} must be in [0, 1]")
@@ -1251,9 +1308,9 @@ def main(argv):
     else:
         device, dtype, ctx, note = resolve_device(bc.device, bc.dtype)
         if bc.variant:  # a child of --mode train: one variant, one JSON line
-            if bc.variant not in VARIANTS:
-                raise UserError(f"variant={bc.variant!r} is not one of {', '.join(VARIANTS)}")
-            print(json.dumps(train_variant(bc, mc, device, ctx)))
+            bad = [v for v in bc.variant.split(",") if v not in VARIANTS]
+            require(not bad, f"variant={bc.variant!r}: {', '.join(bad)} not one of {', '.join(VARIANTS)}")
+            print(json.dumps(train_child(bc, mc, device, ctx)))
             return
         if bc.mode in ("train", "offload") or (bc.mode == "decode" and not bc.ckpt):  # else: the checkpoint's data
             if not os.path.isfile(os.path.join(bc.data_dir, "meta.json")):

@@ -166,6 +166,23 @@ def check_model_config(mc):
 # device, dtype, data, checkpoints
 
 
+def reuse_freed_memory():
+    """On Linux with glibc: keep freed memory in the process for the next allocation of that size.
+    By default glibc serves every block over 32 MiB (a (batch, block, vocab) logits tensor at GPT-2's
+    vocabulary is 200 MB) with a fresh mmap and unmaps it on free, so each step page-faults its big
+    tensors in again: at GPT-2's vocabulary on a 2-core CPU that was about 40% of a training step, and
+    its luck differed from process to process by more than STEM's FLOP saving (README, "Is STEM
+    faster?"). This is what MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge> do, set at run time.
+    The cost: the process keeps its peak memory until it exits. Returns whether it applied."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
+        return False
+
+
 def resolve_device(device, dtype):
     """(device, dtype name, autocast context, note) with the reason for each decision."""
     if device == "auto":
@@ -181,6 +198,8 @@ def resolve_device(device, dtype):
     dev_type = device.split(":")[0]
     ctx = nullcontext() if dtype == "float32" else torch.autocast(dev_type, dtype=torch.bfloat16)
     what = torch.cuda.get_device_name(device) if dev_type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    if dev_type == "cpu" and reuse_freed_memory():
+        what += ", freed memory reused (glibc: no mmap per big tensor)"
     note = f"device: {device} ({what}); dtype: {dtype} " + (
         "(weights float32, matmuls in bfloat16 autocast)" if dtype == "bfloat16" else "(float32 throughout)")
     return device, dtype, ctx, note

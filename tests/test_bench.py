@@ -22,21 +22,38 @@ def test_ffn_mode_json_shape():
     assert (r["n_embd"], r["ffn_hidden"], r["tokens"]) == (32, 64, 32)
     assert abs(r["lazy_ratio"] - r["stem_lazy_ms"] / r["swiglu_ms"]) < 1e-9 and r["flop_ratio"] == 2 / 3
     assert abs(r["dense_ratio"] - r["stem_dense_ms"] / r["swiglu_ms"]) < 1e-9
+    assert abs(r["floor_ratio"] - r["floor_ms"] / r["swiglu_ms"]) < 1e-9
 
 
 def test_train_mode_runs_every_variant(facts):
-    res = last_json(run("bench.py", "--mode", "train", f"--data_dir={facts}", "--peak_flops=1e12", "--repeats", "3", *SMALL))
+    res = last_json(run("bench.py", "--mode", "train", f"--data_dir={facts}", "--peak_flops=1e12", "--repeats", "3",
+                        *SMALL, "--steps=3", "--turn=2"))
     names = [r["variant"] for r in res["train"]]
     assert names == ["swiglu", "stem-dense", "stem-lazy", "stem-offload"]
     for r in res["train"]:
-        runs = r["tok_per_s_runs"]
-        assert len(runs) == 3 and runs == sorted(runs) and r["tok_per_s"] == runs[1]  # the median run
-        assert r["tok_per_s"] > 0 and r["peak_mem_mib"] > 0
+        runs = r["step_s_runs"]
+        assert len(runs) == 3 and abs(r["step_ms"] - sorted(runs)[1] * 1e3) < 1e-9  # the median child
+        assert r["peak_mem_mib"] > 0
         assert abs(r["tok_per_s"] * r["step_ms"] / 1e3 - 4 * 32) < 1e-6
         assert abs(r["mfu"] - r["train_flops_per_token"] * r["tok_per_s"] / 1e12) < 1e-12
-    assert res["train"][0]["vs_swiglu"] == 1.0
-    assert res["train"][3]["vs_stem_lazy"] == res["train"][3]["tok_per_s"] / res["train"][2]["tok_per_s"]
+    base, lazy, off = res["train"][0], res["train"][2], res["train"][3]
+    assert base["vs_swiglu"] == 1.0
+    # the ratio is the median of the per-child ratios (side by side), not the ratio of the medians
+    per_child = sorted(a / b for a, b in zip(lazy["step_s_runs"], off["step_s_runs"]))
+    assert off["vs_stem_lazy"] == per_child[1]
     assert res["train"][0]["train_flops_per_token"] > res["train"][1]["train_flops_per_token"]  # STEM: fewer
+
+
+def test_timed_turns_counts_every_step_and_drains_each_turn():
+    import bench
+    calls, drained = [], []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "ab"}
+    drains = {k: (lambda k=k: drained.append((k, len(calls)))) for k in "ab"}
+    dt = bench.timed_turns(fns, drains, "cpu", burn_in=1, steps=5, turn=2)
+    assert set(dt) == {"a", "b"} and all(t > 0 for t in dt.values())
+    # burn-in a, b; then turns of 2, 2, 1 steps each, a before b, each turn drained at its end
+    assert "".join(calls) == "a" + "b" + "aabbaabbab"
+    assert drained == [("a", 1), ("b", 2), ("a", 4), ("b", 6), ("a", 8), ("b", 10), ("a", 11), ("b", 12)]
 
 
 def test_offload_and_decode_modes_on_cpu(facts, tmp_path):
