@@ -89,7 +89,8 @@ class BenchConfig:
     context_windows: int = 200  # context: random windows per T for distinct ids
     context_batches: int = 8  # context: validation batches (of batch_size windows) for the per-position loss
     locality_pairs: int = 100  # locality: random entity triples (A, B, C) for the two-entity probes
-    variant: str = ""  # internal: a child of train mode runs these variants ("a,b": in turns; "a": its memory)
+    child: str = ""  # internal: a child of train mode: "speed" (the --variant list in turns) or "memory" (one)
+    variant: str = ""  # internal: the child's variants, comma-separated
 
 
 def sync(device):
@@ -179,7 +180,8 @@ def bench_ffn(bc, device, ctx):
         lazy.load_state_dict(stem.state_dict())
         lazy.table.requires_grad_(False)  # as ResidentTables does: gradients go to the compact leaf
 
-        u0 = torch.randn(1, n, h, device=device)  # the floor: SwiGLU with W_up x replaced by a ready tensor
+        u0 = torch.randn(1, n, h, device=device, requires_grad=True)  # the floor: W_up x handed in ready (its
+        # gradient is computed, as SwiGLU's backward computes it for W_up and STEM's for the rows)
 
         def run(layer, lazy_rows=False, floor=False):
             def step():
@@ -196,7 +198,7 @@ def bench_ffn(bc, device, ctx):
                         y = layer(x, ids)
                 y.float().sum().backward()
                 layer.zero_grad(set_to_none=True)
-                x.grad = None
+                x.grad = u0.grad = None
             return step
         res = timed_side_by_side(dict(swiglu=run(swiglu), stem_dense=run(stem), stem_lazy=run(lazy, True),
                                       floor=run(swiglu, floor=True)), device, bc.burn_in, bc.steps)
@@ -262,15 +264,17 @@ def trainer(variant, bc, mc, device, ctx):
         optimizer.step()
         tables.step(1e-3, 1.0)
         optimizer.zero_grad(set_to_none=True)
-    return step, tables.sync, flops
+    return step, tables.drain, flops
 
 
 def timed_turns(fns, drains, device, burn_in, steps, turn):
-    """Seconds per step of each variant, the variants taking turns in one process: `turn` steps of
-    a, then of b, ..., until each has run `steps` timed steps. A turn runs back to back (the GPU
-    runs ahead, offload's threads run behind) and is drained at its end, so a turn's mean counts
-    the pipeline's tail. Median over the turns. Taking turns, every variant meets the same state of
-    the machine (other jobs, clock, the allocator's heap), which separate processes do not."""
+    """Seconds per step of each variant, the variants taking turns in one process: `turn` timed steps
+    of a, then of b, ..., until each has run `steps` timed steps; median over the turns. Taking
+    turns, every variant meets the same state of the machine (other jobs, clock, the allocator's
+    heap), which separate processes do not. A turn is measured in the steady state of its pipeline
+    (the GPU runs ahead, offload's threads run behind): one untimed step refills it, the timed steps
+    run back to back, and it is drained after the clock stops, so that a previous step's tail is in
+    the window at its start as a step's tail is left out at its end."""
     for k, fn in fns.items():
         for _ in range(burn_in):
             fn()
@@ -279,22 +283,23 @@ def timed_turns(fns, drains, device, burn_in, steps, turn):
     for i in range(0, steps, turn):
         n = min(turn, steps - i)
         for k, fn in fns.items():
+            fn()  # untimed: the pipeline refills
             sync(device)
             t0 = time.perf_counter()
             for _ in range(n):
                 fn()
-            drains[k]()
             sync(device)
             per_step[k].append((time.perf_counter() - t0) / n)
+            drains[k]()
     return {k: statistics.median(v) for k, v in per_step.items()}
 
 
 def train_child(bc, mc, device, ctx):
-    """A child of --mode train. --variant=a,b,...: the variants' steps taken in turns, in one process
-    (the speed figures). --variant=a: that variant alone, for its peak memory."""
+    """A child of --mode train. --child=speed: the --variant list's steps taken in turns, in one
+    process. --child=memory: one variant alone, for its peak memory."""
     names = bc.variant.split(",")
     built = {v: trainer(v, bc, mc, device, ctx) for v in names}
-    if len(names) > 1:
+    if bc.child == "speed":
         dt = timed_turns({v: b[0] for v, b in built.items()}, {v: b[1] for v, b in built.items()}, device,
                          bc.burn_in, bc.steps, bc.turn)
         return {v: dict(step_s=dt[v], train_flops_per_token=built[v][2]) for v in names}
@@ -316,34 +321,42 @@ def peak_flops(bc, device):
     return bc.peak_flops
 
 
+def cli_pairs(argv):
+    """The --key=value (or --key value) arguments as (key, value) pairs, and the other arguments."""
+    pairs, other, rest = [], [], list(argv)
+    while rest:
+        a = rest.pop(0)
+        if not a.startswith("--"):
+            other.append(a)
+        elif "=" in a:
+            pairs.append(tuple(a[2:].split("=", 1)))
+        else:
+            pairs.append((a[2:], rest.pop(0) if rest else ""))
+    return pairs, other
+
+
 def run_variants(argv, variants, repeats, tokens):
     """Speed: `repeats` child processes, each timing every variant in turns (timed_turns); per variant
-    the median over the children of its tokens/s and of its ratio to the first variant. Memory: one
-    child per variant, alone, for its peak."""
-    args, rest = [], list(argv)
-    while rest:  # the parent's arguments, less the ones the child gets anew (--key=value or --key value)
-        a = rest.pop(0)
-        if a.split("=")[0] in ("--mode", "--variant", "--variants", "--repeats"):
-            if "=" not in a and rest:
-                rest.pop(0)
-            continue
-        args.append(a)
+    its step time in each child (ratios are taken per child: speedup). Memory: one child per
+    variant, alone, for its peak."""
+    pairs, other = cli_pairs(argv)
+    args = other + [f"--{k}={v}" for k, v in pairs if k not in ("mode", "child", "variant", "variants", "repeats")]
 
-    def child(variant):
-        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--mode=train", *args, f"--variant={variant}"],
-                           capture_output=True, text=True)
+    def child(role, variant):
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), *args, "--mode=train", f"--child={role}",
+                            f"--variant={variant}"], capture_output=True, text=True)
         if p.returncode != 0:
             raise UserError(f"variant {variant} failed: "
                             f"{p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
         return json.loads(p.stdout.strip().splitlines()[-1])
 
-    runs = [child(",".join(variants)) for _ in range(repeats)]
+    runs = [child("speed", ",".join(variants)) for _ in range(repeats)]
     out = []
     for v in variants:
         steps = [r[v]["step_s"] for r in runs]
         out.append(dict(variant=v, step_ms=statistics.median(steps) * 1e3, tok_per_s=tokens / statistics.median(steps),
                         step_s_runs=steps, train_flops_per_token=runs[0][v]["train_flops_per_token"],
-                        peak_mem_mib=child(v)["peak_mem_mib"]))
+                        peak_mem_mib=child("memory", v)["peak_mem_mib"]))
     return out
 
 
@@ -360,6 +373,7 @@ def bench_train(bc, mc, device, argv):
             raise UserError(f"variants: {v!r} is not one of {', '.join(VARIANTS)}")
     if mc.ffn == "swiglu":
         names = [v for v in names if VARIANTS[v][0] == "swiglu"]
+    require(names, f"variants={bc.variants!r}: nothing to run (with --ffn=swiglu only the swiglu variant runs)")
     results = run_variants(argv, names, bc.repeats, bc.batch_size * mc.block_size)
     base = next((r for r in results if r["variant"] == "swiglu"), None)
     lazy = next((r for r in results if r["variant"] == "stem-lazy"), None)
@@ -507,9 +521,9 @@ def bench_offload(bc, mc, device, argv):
                          value=f"{pred:.3f} (host of {bc.host_gbps:.0f} GB/s); {pred_here:.3f} (this machine's host rates)"))
     res["predicted_ratio"] = min(p["predicted_ratio"] for p in res["predicted"])
     if cuda and bc.shape != "model":  # the real thing: resident-lazy and offloaded training at the shape
-        args = [f"--{k}={v}" for k, v in shape.items()] + [a for a in argv if a.startswith(("--data_dir", "--steps",
-                                                                                            "--burn_in", "--dtype"))]
-        runs = run_variants(args, ["stem-lazy", "stem-offload"], 1, shape["batch_size"] * shape["block_size"])
+        args = [f"--{k}={v}" for k, v in shape.items()] + [f"--{k}={v}" for k, v in cli_pairs(argv)[0] if k in (
+            "data_dir", "steps", "burn_in", "turn", "dtype", "device")]
+        runs = run_variants(args, ["stem-lazy", "stem-offload"], bc.repeats, shape["batch_size"] * shape["block_size"])
         lazy, off = runs
         mfu = [r["train_flops_per_token"] * r["tok_per_s"] / peak for r in runs]
         res["measured"] = dict(resident_lazy=lazy, offloaded=off, ratio=speedup(off, lazy),
@@ -1307,7 +1321,8 @@ def main(argv):
         res.update(device=note, torch=torch.__version__)
     else:
         device, dtype, ctx, note = resolve_device(bc.device, bc.dtype)
-        if bc.variant:  # a child of --mode train: one variant, one JSON line
+        if bc.child:  # a child of --mode train: one JSON line
+            require(bc.child in ("speed", "memory"), f"child={bc.child!r} is internal: speed or memory")
             bad = [v for v in bc.variant.split(",") if v not in VARIANTS]
             require(not bad, f"variant={bc.variant!r}: {', '.join(bad)} not one of {', '.join(VARIANTS)}")
             print(json.dumps(train_child(bc, mc, device, ctx)))

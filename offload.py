@@ -320,23 +320,28 @@ class OffloadedTables(Tables):
         for t, rows in zip((self.table, self.opt.m, self.opt.v), pmv.unbind(0)):
             t.index_copy_(0, ids, rows)
 
+    def drain(self):
+        """Wait for every queued host task and the device's queued work: a barrier for timing
+        (bench.py). Unlike sync() it copies nothing back, so the host tables may still be stale."""
+        self.worker.submit(lambda: None).result()
+        if self._last_host is not None:
+            self._last_host.result()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
     def sync(self):
         """Wait for every queued host task, then make the host copies current: rows carried into the
         queued step live on the device, so their p, m, v are copied back (the device keeps them).
         Call before evaluating, saving or reading the tables."""
-        self.worker.submit(lambda: None).result()
-        if self._last_host is not None:
-            self._last_host.result()
+        self.drain()
         nxt = self.queued
         if self.train and nxt is not None and nxt.from_prev.any():
             ev = nxt.loaded.result()
             if ev is not None:
                 torch.cuda.current_stream(self.device).wait_event(ev)
             pos = nxt.from_prev.nonzero().flatten()
-            vals = self.slots[nxt.slot].dev.index_select(1, to_device(pos, self.device)).cpu()
+            vals = self.slots[nxt.slot].dev.index_select(1, to_device(pos, self.device)).cpu()  # waits for it
             self._write_back(nxt.uniq[pos], vals)
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
 
     # ---- plain lookups (evaluation) and generation ------------------------------------------
 

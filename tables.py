@@ -8,6 +8,7 @@ The STEM tables and their optimizer, behind one interface, wherever the tables l
     ... forward and backward of each micro-batch ...
     tables.step(lr, max_norm) # clip the tables' gradient by its own norm (authors' code), AdamW on them
     tables.sync()             # before evaluating or saving: every queued update has landed
+    tables.drain()            # a barrier for timing: queued work done, nothing copied back
 
 Both placements place the model on the device themselves (offload must take the tables out first)
 and write checkpoints with the same keys, so a run can switch placement on resume.
@@ -223,6 +224,8 @@ class ResidentTables(Tables):
 
     def sync(self):
         pass  # resident updates run in the caller's order
+
+    drain = sync  # the timing barrier (offload's waits for its threads; here there is nothing behind)
 
     def lookup(self, ids):
         return None, None  # the model looks its rows up itself

@@ -25,6 +25,13 @@ def test_ffn_mode_json_shape():
     assert abs(r["floor_ratio"] - r["floor_ms"] / r["swiglu_ms"]) < 1e-9
 
 
+def test_train_mode_one_variant_and_nothing_to_run(facts):
+    res = last_json(run("bench.py", "--mode=train", f"--data_dir={facts}", "--variants=swiglu", *SMALL))
+    assert [r["variant"] for r in res["train"]] == ["swiglu"] and res["train"][0]["vs_swiglu"] == 1.0
+    assert_user_error(run("bench.py", "--mode=train", f"--data_dir={facts}", "--ffn=swiglu", "--variants=stem-lazy",
+                          *SMALL, ok=False), "nothing to run")
+
+
 def test_train_mode_runs_every_variant(facts):
     res = last_json(run("bench.py", "--mode", "train", f"--data_dir={facts}", "--peak_flops=1e12", "--repeats", "3",
                         *SMALL, "--steps=3", "--turn=2"))
@@ -36,24 +43,31 @@ def test_train_mode_runs_every_variant(facts):
         assert r["peak_mem_mib"] > 0
         assert abs(r["tok_per_s"] * r["step_ms"] / 1e3 - 4 * 32) < 1e-6
         assert abs(r["mfu"] - r["train_flops_per_token"] * r["tok_per_s"] / 1e12) < 1e-12
-    base, lazy, off = res["train"][0], res["train"][2], res["train"][3]
-    assert base["vs_swiglu"] == 1.0
+    lazy, off = res["train"][2], res["train"][3]
     # the ratio is the median of the per-child ratios (side by side), not the ratio of the medians
     per_child = sorted(a / b for a, b in zip(lazy["step_s_runs"], off["step_s_runs"]))
     assert off["vs_stem_lazy"] == per_child[1]
     assert res["train"][0]["train_flops_per_token"] > res["train"][1]["train_flops_per_token"]  # STEM: fewer
 
 
-def test_timed_turns_counts_every_step_and_drains_each_turn():
+def test_timed_turns_counts_every_step_and_drains_each_turn(monkeypatch):
     import bench
-    calls, drained = [], []
-    fns = {k: (lambda k=k: calls.append(k)) for k in "ab"}
+    clock, calls, drained = [0.0], [], []
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    # seconds each call takes on a fake clock, by call number: burn-in and refill steps cost 100 (never
+    # timed); a's timed steps 2 and 4 (turn 1), 1 and 1 (turn 2), 8 (turn 3); b's always 2
+    cost = {4: 2, 5: 4, 10: 1, 11: 1, 16: 8, 7: 2, 8: 2, 13: 2, 14: 2, 18: 2}
+
+    def step(k):
+        calls.append(k)
+        clock[0] += cost.get(len(calls), 100)
+    fns = {k: (lambda k=k: step(k)) for k in "ab"}
     drains = {k: (lambda k=k: drained.append((k, len(calls)))) for k in "ab"}
     dt = bench.timed_turns(fns, drains, "cpu", burn_in=1, steps=5, turn=2)
-    assert set(dt) == {"a", "b"} and all(t > 0 for t in dt.values())
-    # burn-in a, b; then turns of 2, 2, 1 steps each, a before b, each turn drained at its end
-    assert "".join(calls) == "a" + "b" + "aabbaabbab"
-    assert drained == [("a", 1), ("b", 2), ("a", 4), ("b", 6), ("a", 8), ("b", 10), ("a", 11), ("b", 12)]
+    # burn-in a, b; then turns of 2, 2, 1 timed steps, each after one untimed refill step, a before b
+    assert "".join(calls) == "a" + "b" + "aaabbb" + "aaabbb" + "aabb"
+    assert drained == [("a", 1), ("b", 2), ("a", 5), ("b", 8), ("a", 11), ("b", 14), ("a", 16), ("b", 18)]
+    assert dt == {"a": 3.0, "b": 2.0}  # a: the median of the turns' means 3, 1, 8 (not their mean, 4)
 
 
 def test_offload_and_decode_modes_on_cpu(facts, tmp_path):
