@@ -18,7 +18,8 @@
 #   the bench modes (spread 6x ~10 s, context 6x ~40 s, locality 9x ~45 s, quality ~3 min)   ~15 min
 #   total: about 1 h 40 min with quality.sh's runs present, about 2 h 40 min from nothing.
 # Resumable: finished runs are kept (an interrupted one continues with --init_from=resume), and a bench
-# output that finished (runs/claims/NAME.txt) is not redone: delete it to redo it. Each part trains only
+# output that finished (runs/claims/NAME.txt) is not redone (delete it to redo it), nor are the runs
+# that only it reads trained. Each part trains only
 # the runs it reads, so CLAIMS picks parts: "1-3" (quality.sh's 24 runs, the 9 ablation runs, the quality
 # bench), "4", "5-7" (Shakespeare SwiGLU/third/all and facts400 third/half/all per seed).
 #   bash claims.sh
@@ -50,11 +51,13 @@ train() {  # train OUT_DIR ARGS...: skipped when finished, continued when interr
   python train.py "$@" --out_dir="$out" --compile=False $resume > /dev/null
 }
 
-bench() {  # bench NAME ARGS...: runs/claims/NAME.txt, skipped when it holds a finished run (a JSON last line)
+finished() {  # finished NAME: runs/claims/NAME.txt holds a finished bench run (a JSON last line)
+  [ -f "$OUT/$1.txt" ] && tail -n 1 "$OUT/$1.txt" | grep -q '^{'
+}
+
+bench() {  # bench NAME ARGS...: runs/claims/NAME.txt, skipped when finished
   local name=$1; shift
-  if [ -f "$OUT/$name.txt" ] && tail -n 1 "$OUT/$name.txt" | grep -q '^{'; then
-    return 0
-  fi
+  finished "$name" && return 0
   echo "== $OUT/$name.txt"
   python bench.py "$@" > "$OUT/$name.txt.tmp"
   mv "$OUT/$name.txt.tmp" "$OUT/$name.txt"
@@ -85,11 +88,12 @@ part 4 && bench stability --mode stability --data_dir=data/shakespeare-gpt2 --tr
   --spike_window=20 --spike_margin=0.5 --stability_dir="$OUT/stability" --plot_dir="$OUT/plots"
 
 # ---- claims 5, 7 (per seed, each STEM run against the SwiGLU run of the same seed) and 6
-for seed in $SEEDS; do
+for seed in $SEEDS; do  # a bench that finished needs no checkpoints: its runs are trained only if it did not
   part 5-7 || break
-  for arch in swiglu stem-third stem-all; do run shakespeare $arch $seed; done
-  for arch in stem-third stem-half stem-all; do run facts400 $arch $seed; done
   for arch in stem-third stem-all; do
+    if ! finished "spread-$arch-s$seed" || ! finished "context-$arch-s$seed"; then
+      run shakespeare swiglu $seed; run shakespeare $arch $seed
+    fi
     bench "spread-$arch-s$seed" --mode spread --ckpt="runs/shakespeare-$arch-s$seed" \
       --ckpt_swiglu="runs/shakespeare-swiglu-s$seed" --spread_ids=256 --plot_dir="$OUT/plots-spread-$arch-s$seed"
     bench "context-$arch-s$seed" --mode context --ckpt="runs/shakespeare-$arch-s$seed" \
@@ -97,6 +101,7 @@ for seed in $SEEDS; do
       --plot_dir="$OUT/plots-context-$arch-s$seed"
   done
   for arch in stem-third stem-half stem-all; do
+    finished "locality-$arch-s$seed" || run facts400 $arch $seed
     bench "locality-$arch-s$seed" --mode locality --ckpt="runs/facts400-$arch-s$seed" --locality_pairs=200 \
       --plot_dir="$OUT/plots-locality-$arch-s$seed"
   done
