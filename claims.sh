@@ -8,6 +8,8 @@
 #   7    Heaps' law, loss by position          bench --mode context, per seed (STEM third and all vs SwiGLU)
 # Outputs: runs/claims/*.txt (each ends with its JSON line), runs/claims/plots*/, runs/claims/summary.txt.
 #
+# Measured 2026-12-02 (2-core VM, niced behind other work): CLAIMS="4 5-7" with 3 seeds took about 2 h 20 min
+# (stability runs ~110 s each; Shakespeare and facts400 runs ~5 min each). The older estimate follows.
 # Time on a quiet 2-core CPU, estimated (not measured end to end), from the README's rates (Shakespeare
 # preset: SwiGLU ~1,085 tok/s = ~0.95 s a step, STEM third ~1.05 s) and timed 20-step runs of the preset
 # (2026-12-02, a busy shared 2-core machine: 126 s SwiGLU, 177 s hash_moe, so hash_moe ~1.4x SwiGLU; steps
