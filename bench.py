@@ -236,9 +236,10 @@ def trainer(variant, bc, mc, device, ctx):
     its pipeline, and its training FLOPs per token. Every variant starts from seed 0 and reads the
     same batches."""
     ffn, table_optimizer, offloaded = VARIANTS[variant]
-    mc = GPTConfig(**{**asdict(mc), "ffn": ffn, "vocab_size": load_meta(bc.data_dir)["vocab_size"]})
+    meta = load_meta(bc.data_dir)
+    mc = GPTConfig(**{**asdict(mc), "ffn": ffn, "vocab_size": meta["vocab_size"]})
     torch.manual_seed(0)
-    batches = Batches(bc.data_dir, load_meta(bc.data_dir), mc.block_size, bc.batch_size, device, seed=0)
+    batches = Batches(bc.data_dir, meta, mc.block_size, bc.batch_size, device, seed=0)
     model = GPT(mc)
     flops = 3 * model.flops_per_token()
     if offloaded:
