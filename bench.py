@@ -594,7 +594,11 @@ def bench_decode(bc, mc, device, ctx):
 
 
 def plot(path, xlabel, ylabel, series, logx=False, bands=None, title=None, logy=False):
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # e.g. a GPU machine with only torch: the figures are in the table and the JSON
+        print(f"# matplotlib is not installed: {path} not drawn")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

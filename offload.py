@@ -296,7 +296,10 @@ class OffloadedTables(Tables):
             self.d2h.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.d2h):
                 s.out[0][:len(host_rows)].copy_(g_out, non_blocking=True)
-                s.out[1:][:, :len(wb_rows)].copy_(wb_out, non_blocking=True)
+                # plane by plane, each contiguous: a strided pinned view would be copied through a
+                # pageable temporary, and that blocks the host until the copy (and the step) is done
+                for j in range(3):
+                    s.out[1 + j][:len(wb_rows)].copy_(wb_out[j], non_blocking=True)
                 for t in (g_out, wb_out):
                     t.record_stream(self.d2h)  # allocated on the compute stream, read on this one
                 ev = torch.cuda.Event()

@@ -44,7 +44,7 @@ def adamw_(params, grads, exp_avgs, exp_avg_sqs, step, lr, betas, eps, weight_de
     depend on how the rows are grouped into tensors (row views, gathered blocks, packed layers)
     when the row widths are multiples of 16, as every width in this repo is."""
     if params:
-        steps = [torch.full((), float(step), device=params[0].device)] * len(params)  # read, not written
+        steps = [torch.full((), float(step), dtype=torch.float32, device=params[0].device)] * len(params)  # read, not written
         torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=betas[0],
                             beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
 

@@ -137,3 +137,22 @@ def test_step_model_against_hand_arithmetic():
     assert abs(inputs["gpu_step_ms"] - t_gpu * 1e3) < 1e-9
     assert abs(pred - t_gpu / max(t_gpu + t_dev, t_server, t_h2d, t_d2h)) < 1e-12
     assert abs(pred_here - t_gpu / max(t_gpu + t_dev, t_here, t_h2d, t_d2h)) < 1e-12
+
+
+def test_plot_without_matplotlib_says_so_and_draws_nothing(monkeypatch, tmp_path, capsys):
+    # a GPU machine may have torch and nothing else: bench's figures are in its table and JSON line
+    import builtins
+    import bench
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    path = tmp_path / "figs" / "x.png"
+    bench.plot(str(path), "x", "y", {"a": [(1, 2), (2, 3)]})
+    assert "matplotlib is not installed" in capsys.readouterr().out and not path.exists()
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    bench.plot(str(path), "x", "y", {"a": [(1, 2), (2, 3)]})
+    assert path.exists()  # and with it, the figure is drawn
