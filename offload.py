@@ -81,7 +81,8 @@ class Slot:
     rows written back."""
     dev: Optional[torch.Tensor] = None  # (planes, K, W) on the device
     stage: Optional[torch.Tensor] = None  # (planes, K, W) pinned: gathered rows on their way in
-    out: Optional[torch.Tensor] = None  # (4, K, W) pinned: gradients and write-backs on their way out
+    out: Optional[torch.Tensor] = None  # (4, K, W), pinned on CUDA: gradients and write-backs on their way out
+    g_rows: tuple = ()  # the row views of out[0], the host rows' gradients, made once (RowAdamW takes them)
     staged: Any = None  # CUDA event: the last copy out of `stage` is done (it may be refilled)
     free: Any = None  # CUDA event on the compute stream: the last step that used `dev` is done with it
     out_busy: Any = None  # future of the host task that reads `out`
@@ -156,8 +157,10 @@ class OffloadedTables(Tables):
             s.dev = torch.empty(self.planes, K, self.W, device=self.device)
             if self.cuda:
                 s.stage = torch.empty(self.planes, K, self.W, pin_memory=True)
-                s.out = torch.empty(4, K, self.W, pin_memory=True) if self.train else None
                 s.staged = None
+            if self.train:  # on the CPU only the gradients go out through it (plane 0)
+                s.out = torch.empty(4 if self.cuda else 1, K, self.W, pin_memory=self.cuda)
+                s.g_rows = s.out[0].unbind(0)
         return s
 
     def _land(self, s, plane, positions, src, rows):
@@ -287,15 +290,17 @@ class OffloadedTables(Tables):
         wb_rows = (job.from_prev & ~to_next).nonzero().flatten()
         for k, rows in (("device", dev_rows), ("host", host_rows), ("written_back", wb_rows)):
             self.counts[k] += len(rows)
-        g_out = g.index_select(0, to_device(host_rows, self.device))
         wb_out = s.dev[:, :K].index_select(1, to_device(wb_rows, self.device))
-        ev = None
-        if self.cuda:
-            if s.out_busy is not None:
-                s.out_busy.result()  # the host task of two steps ago has read this buffer
+        if s.out_busy is not None:
+            s.out_busy.result()  # the host task of two steps ago has read this slot's `out`
+        ev, n = None, len(host_rows)
+        if not self.cuda:
+            torch.index_select(g, 0, host_rows, out=s.out[0][:n])
+        else:
+            g_out = g.index_select(0, to_device(host_rows, self.device))
             self.d2h.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.d2h):
-                s.out[0][:len(host_rows)].copy_(g_out, non_blocking=True)
+                s.out[0][:n].copy_(g_out, non_blocking=True)
                 # plane by plane, each contiguous: a strided pinned view would be copied through a
                 # pageable temporary, and that blocks the host until the copy (and the step) is done
                 for j in range(3):
@@ -304,10 +309,10 @@ class OffloadedTables(Tables):
                     t.record_stream(self.d2h)  # allocated on the compute stream, read on this one
                 ev = torch.cuda.Event()
                 ev.record(self.d2h)
-            g_out, wb_out = s.out[0][:len(host_rows)], s.out[1:][:, :len(wb_rows)]
+            wb_out = s.out[1:][:, :len(wb_rows)]
         self._mark_free(s)  # every use of this slot's device buffer is queued by now
-        s.out_busy = self._last_host = self.worker.submit(
-            self._host_update, job.uniq[host_rows], g_out, job.uniq[wb_rows], wb_out, ev, self.steps, lr)
+        s.out_busy = self._last_host = self.worker.submit(  # the gradients: as row views of out[0]
+            self._host_update, job.uniq[host_rows], s.g_rows[:n], job.uniq[wb_rows], wb_out, ev, self.steps, lr)
         return norm
 
     def _host_update(self, ids, g, wb_ids, wb, ev, step, lr):

@@ -83,7 +83,9 @@ class RowAdamW:
 
     @torch.no_grad()
     def update(self, ids, g, step, lr, betas, eps, weight_decay):
-        """AdamW on rows ids (K,) of p, m, v with their gradient g (K, W)."""
+        """AdamW on rows ids (K,) of p, m, v with their gradient g: a (K, W) tensor, or on the CPU
+        also the K row views of one, made once for a buffer that is reused (offload.py): making
+        10,000 views costs about as much as a third of their update."""
         hyper = (step, lr, betas, eps, weight_decay)
         if self.cuda:
             ids = ids.to(self.p.device)
@@ -92,13 +94,17 @@ class RowAdamW:
             for t, rows in ((self.p, p), (self.m, m), (self.v, v)):
                 t.index_copy_(0, ids, rows)
             return
-        ids, gs = ids.tolist(), g.unbind(0)
-        P, M, V = self.views
+        ids = ids.tolist()
         cuts = [len(ids) * k // self.threads for k in range(self.threads + 1)]
-        jobs = [self.pool.submit(adamw_, [P[i] for i in ids[a:b]], list(gs[a:b]), [M[i] for i in ids[a:b]],
-                                 [V[i] for i in ids[a:b]], *hyper) for a, b in zip(cuts, cuts[1:]) if b > a]
+        jobs = [self.pool.submit(self._rows, ids[a:b], g[a:b], hyper) for a, b in zip(cuts, cuts[1:]) if b > a]
         for j in jobs:
             j.result()
+
+    def _rows(self, ids, g, hyper):
+        """One thread's share of the rows: views of p, m, v (made once) and of g (made here unless given)."""
+        P, M, V = self.views
+        gs = list(g.unbind(0)) if torch.is_tensor(g) else list(g)
+        adamw_([P[i] for i in ids], gs, [M[i] for i in ids], [V[i] for i in ids], *hyper)
 
 
 def unique_ids(xs):
