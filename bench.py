@@ -438,8 +438,8 @@ def host_rates(V, W, K, steps, threads=None):
     p, m, v = torch.full((K, W), 0.01), torch.full((K, W), 0.001), torch.full((K, W), 0.001)
     hyper = ((0.9, 0.95), 1e-8, 0.1)
     fns = dict(gather=lambda: torch.index_select(table, 0, ids, out=staging),
-               host_update=lambda: opt.update(ids, g_rows, 1, 1e-4, *hyper),
-               host_update_consecutive=lambda: opt.update(consecutive, g_rows, 1, 1e-4, *hyper),  # no scattered addresses
+               host_update=lambda: opt.update(ids, g, 1, 1e-4, *hyper, g_rows=g_rows),
+               host_update_consecutive=lambda: opt.update(consecutive, g, 1, 1e-4, *hyper, g_rows=g_rows),  # no scattered addresses
                fused_floor=lambda: adamw_([p], [g], [m], [v], 1, 1e-4, *hyper),
                scatter=lambda: table.index_copy_(0, ids, staging))
     t = timed_side_by_side(fns, "cpu", 2, steps)

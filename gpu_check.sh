@@ -2,7 +2,7 @@
 # The GPU checks in one command, for a machine with one NVIDIA GPU and PyTorch (2.11 or newer)
 # already installed; it needs no network and installs nothing:
 #
-#   bash gpu_check.sh                 # about 5 minutes, 8 at most (a time limit per section); writes gpu_report.txt
+#   bash gpu_check.sh                 # about 5 minutes (its sections' time limits add up to 8); writes gpu_report.txt
 #
 # 1. the CUDA tests (bf16 offload vs resident, GPU memory saved, the stress run), if pytest is there
 # 2. bench.py --mode offload at the GPT-2-small shape: host rates against their floor, pinned copy
@@ -19,6 +19,10 @@ $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/d
   echo "error: gpu_check.sh needs a CUDA GPU and PyTorch with CUDA ($PY: torch.cuda.is_available() is False or torch is missing)" >&2
   exit 1
 }
+$PY -c "import numpy" 2>/dev/null || {
+  echo "error: gpu_check.sh needs numpy beside torch (the data loader memory-maps the token files with it)" >&2
+  exit 1
+}
 REPORT=${REPORT:-gpu_report.txt}
 DATA=data/shakespeare-gpt2
 exec > >(tee "$REPORT") 2>&1
@@ -27,7 +31,7 @@ $PY -c "import torch; print('#', torch.cuda.get_device_name(), '| torch', torch.
 $PY - <<'EOF'
 import importlib.util
 print("# optional packages:", ", ".join(f"{m} {'yes' if importlib.util.find_spec(m) else 'no'}"
-                                        for m in ("numpy", "pytest", "tiktoken", "tqdm", "matplotlib")))
+                                        for m in ("pytest", "tiktoken", "tqdm", "matplotlib")))
 EOF
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/# /'
 
@@ -38,7 +42,7 @@ if [ ! -f $DATA/meta.json ]; then
   fi
   if [ ! -f $DATA/meta.json ]; then
     DATA=data/zipf-50257
-    echo "# no tiktoken or no ../shared/data: a Zipf stand-in with GPT-2's vocabulary size ($DATA)"
+    echo "# no data/shakespeare-gpt2, and it could not be made here (needs tiktoken, regex, tqdm and ../shared/data): a Zipf stand-in with GPT-2's vocabulary size ($DATA)"
     $PY - <<'EOF'
 import json, os
 import numpy as np

@@ -311,15 +311,16 @@ class OffloadedTables(Tables):
                 ev.record(self.d2h)
             wb_out = s.out[1:][:, :len(wb_rows)]
         self._mark_free(s)  # every use of this slot's device buffer is queued by now
-        s.out_busy = self._last_host = self.worker.submit(  # the gradients: as row views of out[0]
-            self._host_update, job.uniq[host_rows], s.g_rows[:n], job.uniq[wb_rows], wb_out, ev, self.steps, lr)
+        s.out_busy = self._last_host = self.worker.submit(  # the gradients: out[0][:n] and its row views
+            self._host_update, job.uniq[host_rows], s.out[0][:n], s.g_rows[:n], job.uniq[wb_rows], wb_out, ev,
+            self.steps, lr)
         return norm
 
-    def _host_update(self, ids, g, wb_ids, wb, ev, step, lr):
+    def _host_update(self, ids, g, g_rows, wb_ids, wb, ev, step, lr):
         """Worker: host AdamW on the rows that did not stay on the device, and the write-back."""
         if ev is not None:
             ev.synchronize()  # the copies to pinned memory have landed
-        self.opt.update(ids, g, step, lr, **self.hyper)
+        self.opt.update(ids, g, step, lr, **self.hyper, g_rows=g_rows)
         if len(wb_ids):
             self._write_back(wb_ids, wb)
 

@@ -64,37 +64,53 @@ def _single_thread():
     torch.set_num_threads(1)  # per thread: the main thread keeps its own intra-op threads
 
 
+NARROW = 1024  # RowAdamW: rows narrower than this many values are gathered, wider ones updated in place
+
+
 class RowAdamW:
     """Lazy AdamW on chosen rows of a (V, W) table `p`, with moments m and v beside it.
 
-    On the CPU it runs in place on row views (no gather, no scatter, no temporaries), the rows split
-    over `threads` threads with one intra-op thread each: the fused kernel opens a parallel region per
-    tensor, which costs more than a row's work when a row is a few KiB. The views are made once (a
-    few microseconds a row). On CUDA it gathers the rows, runs the kernel once and scatters them back:
-    the GPU's memory is fast enough that this costs nothing next to the step."""
+    Two ways, the same bits (the kernel is elementwise; see adamw_):
+    - wide rows on the CPU (W >= 1,024 values: 4 KiB and up, e.g. offload's packed rows): in place on
+      row views (no gather, no scatter), the rows split over `threads` threads with one intra-op
+      thread each: the fused kernel opens a parallel region per tensor, which costs more than a row's
+      work when a row is a few KiB. The views of p, m, v are made once (a microsecond or two a row).
+    - narrow rows on the CPU, and every row on CUDA: gather the rows of p, m, v into a persistent
+      block, run the kernel once, scatter them back. For narrow rows the per-row kernel calls cost
+      more than the copies (at 512 values a row, half the time; `python bench.py --mode offload`
+      and the measurement in README "What does offload cost?"); the GPU's memory is fast enough that
+      the copies cost nothing next to the step."""
 
     def __init__(self, p, threads=None):
         self.p, self.m, self.v = p, torch.zeros_like(p), torch.zeros_like(p)
         self.cuda = p.is_cuda
-        if not self.cuda:
+        self.gather = self.cuda or p.size(1) < NARROW
+        self.block = None  # (3, rows, W): the gathered p, m, v, grown to the largest step seen
+        self.threads = None  # the gather runs on the caller's thread (and its intra-op threads)
+        if not self.gather:
             self.views = [t.unbind(0) for t in (self.p, self.m, self.v)]
             self.threads = threads or min(8, os.cpu_count() or 1)
             self.pool = ThreadPoolExecutor(self.threads, initializer=_single_thread)
 
     @torch.no_grad()
-    def update(self, ids, g, step, lr, betas, eps, weight_decay):
-        """AdamW on rows ids (K,) of p, m, v with their gradient g: a (K, W) tensor, or on the CPU
-        also the K row views of one, made once for a buffer that is reused (offload.py): making
-        10,000 views costs about as much as a third of their update."""
+    def update(self, ids, g, step, lr, betas, eps, weight_decay, g_rows=None):
+        """AdamW on rows ids (K,) of p, m, v with their gradient g (K, W). g_rows: optionally g's row
+        views, made once by a caller whose gradient buffer is reused (offload.py): making 10,000 views
+        costs about a third of their update."""
         hyper = (step, lr, betas, eps, weight_decay)
-        if self.cuda:
-            ids = ids.to(self.p.device)
-            p, m, v = (t.index_select(0, ids) for t in (self.p, self.m, self.v))
-            adamw_([p], [g], [m], [v], *hyper)
-            for t, rows in ((self.p, p), (self.m, m), (self.v, v)):
+        if self.gather:
+            ids, K = ids.to(self.p.device), len(ids)
+            if self.block is None or self.block.size(1) < K:
+                self.block = torch.empty(3, K + K // 4 + 16, self.p.size(1), device=self.p.device)
+            block = self.block[:, :K].unbind(0)  # each (K, W), contiguous
+            for t, rows in zip((self.p, self.m, self.v), block):
+                torch.index_select(t, 0, ids, out=rows)
+            adamw_([block[0]], [g], [block[1]], [block[2]], *hyper)
+            for t, rows in zip((self.p, self.m, self.v), block):
                 t.index_copy_(0, ids, rows)
             return
         ids = ids.tolist()
+        g = g if g_rows is None else g_rows  # sliced below: a tensor or a tuple of its rows
         cuts = [len(ids) * k // self.threads for k in range(self.threads + 1)]
         jobs = [self.pool.submit(self._rows, ids[a:b], g[a:b], hyper) for a, b in zip(cuts, cuts[1:]) if b > a]
         for j in jobs:

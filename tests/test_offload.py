@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_config
 from model import GPT, configure_optimizer
 from offload import OffloadedTables, OffloadError
+import tables
 from tables import ResidentTables
 from conftest import TINY, _losses, _train_inproc, assert_user_error, run  # noqa: F401
 
@@ -76,9 +77,11 @@ def _train_both(cfg, steps, accum=2, device="cpu", ctx=None, lr=1e-2, B=3, T=8, 
     return results
 
 
-def test_training_offloaded_is_bit_identical_to_resident_lazy():
+@pytest.mark.parametrize("narrow", [1024, 0, 48])  # RowAdamW: both gather; both on row views; one each
+def test_training_offloaded_is_bit_identical_to_resident_lazy(narrow, monkeypatch):
     # widths that are multiples of 16 keep every elementwise kernel on its vector path in both
     # layouts ((K, ffn) blocks resident, (K, n_stem * ffn) packed rows offloaded)
+    monkeypatch.setattr(tables, "NARROW", narrow)
     cfg = tiny_config(vocab_size=40, ffn_hidden=32, stem_layers="1,3")
     (sd_r, opt_r, loss_r, _), (sd_o, opt_o, loss_o, eng) = _train_both(cfg, steps=8)
     # the data exercises every path: rows shared with a neighbouring step (updated on the device and

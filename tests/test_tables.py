@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+import tables
 from conftest import tiny_config
 from model import GPT
 from tables import ResidentTables, RowAdamW, clip_joint_norm_, unique_ids
@@ -52,12 +53,14 @@ def test_dense_tables_equal_clipping_then_torch_adamw():
     assert (m.stem_ffns()[0].table != GPT(cfg).stem_ffns()[0].table).all(1).all()
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-def test_row_adamw_equals_fused_adamw_on_present_rows_and_leaves_others(threads):
+@pytest.mark.parametrize("threads,narrow", [(1, 1024), (1, 0), (3, 0)])  # gathered rows; row views, 1 or 3 threads
+def test_row_adamw_equals_fused_adamw_on_present_rows_and_leaves_others(threads, narrow, monkeypatch):
+    monkeypatch.setattr(tables, "NARROW", narrow)
     V, W, steps = 30, 48, 4
     g = torch.Generator().manual_seed(0)
     p0 = torch.randn(V, W, generator=g)
     opt = RowAdamW(p0.clone(), threads)
+    assert opt.gather == (narrow > W)
     ref_p, ref_m, ref_v = p0.clone().double(), torch.zeros(V, W, dtype=torch.float64), torch.zeros(V, W, dtype=torch.float64)
     for t in range(1, steps + 1):
         ids = torch.unique(torch.randint(0, V, (12,), generator=g))
@@ -69,7 +72,7 @@ def test_row_adamw_equals_fused_adamw_on_present_rows_and_leaves_others(threads)
         ref.state[q] = dict(step=torch.tensor(float(t - 1)), exp_avg=opt.m[ids].clone(), exp_avg_sq=opt.v[ids].clone())
         q.grad = grad.clone()
         ref.step()
-        opt.update(ids, grad, t, 1e-2, **HYPER)
+        opt.update(ids, grad, t, 1e-2, **HYPER, g_rows=grad.unbind(0) if t % 2 else None)  # as offload hands them
         assert torch.equal(opt.p[ids], q.detach())
         assert torch.equal(opt.m[ids], ref.state[q]["exp_avg"]) and torch.equal(opt.v[ids], ref.state[q]["exp_avg_sq"])
         absent = torch.ones(V, dtype=torch.bool)
