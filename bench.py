@@ -504,7 +504,7 @@ def bench_offload(bc, mc, device, argv):
     rows = [dict(what=f"unique ids per step ({bc.data_dir}, {st['tokens_per_step']} tokens)",
                  value=f"{st['unique']:.0f} (p95 {st['unique_p95']}), {st['shared']:.0%} shared with the previous step"),
             dict(what=f"host gather ({K:.0f} rows x {W} floats of {shape['vocab_size']})", value=f"{rates['gather_gbps']:.2f} GB/s"),
-            dict(what=f"host lazy AdamW (RowAdamW, {threads} threads)", value=f"{rates['host_update_gbps']:.2f} GB/s"),
+            dict(what=f"host lazy AdamW (RowAdamW, {f'{threads} threads' if threads else 'one gathered block'})", value=f"{rates['host_update_gbps']:.2f} GB/s"),
             dict(what="floor: fused AdamW, one contiguous tensor", value=f"{rates['fused_floor_gbps']:.2f} GB/s"),
             dict(what="host update / floor", value=f"{res['host_update_vs_floor']:.2f}"),
             dict(what="the same on consecutive rows / floor",
