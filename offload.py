@@ -160,7 +160,7 @@ class OffloadedTables(Tables):
                 s.staged = None
             if self.train:  # on the CPU only the gradients go out through it (plane 0)
                 s.out = torch.empty(4 if self.cuda else 1, K, self.W, pin_memory=self.cuda)
-                s.g_rows = s.out[0].unbind(0)
+                s.g_rows = () if self.opt.gather else s.out[0].unbind(0)  # a gathering RowAdamW needs none
         return s
 
     def _land(self, s, plane, positions, src, rows):

@@ -2,6 +2,9 @@
 import json
 import os
 
+import pytest
+import torch
+
 from conftest import TINY, _train_inproc, assert_user_error, run  # noqa: F401
 
 SMALL = ["--device=cpu", "--burn_in=0", "--steps=1", "--n_layer=2", "--n_head=2", "--n_embd=32", "--ffn_hidden=64",
@@ -156,3 +159,25 @@ def test_plot_without_matplotlib_says_so_and_draws_nothing(monkeypatch, tmp_path
     monkeypatch.setattr(builtins, "__import__", real_import)
     bench.plot(str(path), "x", "y", {"a": [(1, 2), (2, 3)]})
     assert path.exists()  # and with it, the figure is drawn
+
+
+def _gpu_check(tmp_path, python):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHON=python or sys.executable, REPORT=str(tmp_path / "report.txt"))
+    return subprocess.run(["bash", os.path.join(root, "gpu_check.sh")], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_gpu_check_refuses_without_cuda_or_numpy_in_one_line(tmp_path):
+    p = _gpu_check(tmp_path, None)  # this Python: torch without CUDA
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "needs a CUDA GPU" in p.stderr
+    # a Python whose torch sees a GPU but that has no numpy (a stand-in answering the two probes)
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\ncase "$*" in *numpy*) exit 1;; *) exit 0;; esac\n')
+    fake.chmod(0o755)
+    p = _gpu_check(tmp_path, str(fake))
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "needs numpy" in p.stderr
+    assert not (tmp_path / "report.txt").exists()  # nothing written before the checks pass
