@@ -494,7 +494,7 @@ def bench_offload(bc, mc, device, argv):
     elif meta["vocab_size"] == shape["vocab_size"]:
         K, s, source = st["unique"], st["shared"], f"measured on {bc.data_dir}"
     else:
-        K, s, source = WEB_TEXT["unique"], WEB_TEXT["shared"], "web-text estimate (OFFLOAD_STEP_MODEL.md)"
+        K, s, source = WEB_TEXT["unique"], WEB_TEXT["shared"], "web-text estimate: Zipf over BPE ranks x burstiness, 8.9k-15.4k"
     n_stem = len(GPT(GPTConfig(**{**{k: v for k, v in shape.items() if k != "batch_size"}, "vocab_size": 8})).stem_layers)
     W = n_stem * shape["ffn_hidden"]
     rates, threads = host_rates(shape["vocab_size"], W, int(K), bc.steps, bc.host_threads)

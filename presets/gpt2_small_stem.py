@@ -1,9 +1,10 @@
 # A real run on one GPU: GPT-2-small's shape (12 layers, d 768, 12 heads, context 1024; SwiGLU
 # width 2048 = 2/3 of GPT-2's 3072, so the dense FFN costs what GPT-2's does) with GPT-2's tokenizer
-# and STEM in the paper's third of the layers (1, 4, 7, 10). Its twin: presets/gpt2_small_swiglu.py.
+# and STEM in the paper's third of the layers (1, 4, 7, 10).
 # python prepare_data.py --dataset=text --input=YOUR_CORPUS --tokenizer=gpt2 --out_dir=data/corpus
 # python train.py presets/gpt2_small_stem.py                  # tables on the GPU
 # python train.py presets/gpt2_small_stem.py --offload=True   # tables in host memory
+# python train.py presets/gpt2_small_stem.py --ffn=swiglu --out_dir=out/gpt2-small-swiglu   # the dense twin
 # The README's "Train a real model on one GPU" gives memory and an hour estimate.
 data_dir = "data/corpus"
 out_dir = "out/gpt2-small-stem"
