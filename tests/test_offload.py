@@ -32,16 +32,17 @@ def _batches(V, steps, accum, B, T, seed):
 
 
 def _train_both(cfg, steps, accum=2, device="cpu", ctx=None, lr=1e-2, B=3, T=8, variants=("resident", "offload"),
-                stall=False):
+                stall=False, queued=False):
     """The same steps for each variant, through the one table interface, as train.py runs them:
     "resident" (ResidentTables, lazy), "offload" (the pipeline), "offload-sync" (the pipeline
     drained after every call: no overlap at all). Returns per variant the state dict and table
     optimizer state in the checkpoint format, the losses, and the tables object. stall=True keeps
-    the GPU busy before each table step, to widen any race window."""
+    the GPU busy before each table step, to widen any race window. queued=True prefetches one more
+    step after the last, so that the state is read (after sync) with a step queued, as at an eval."""
     ctx = ctx or torch.autocast("cpu", enabled=False)
     torch.manual_seed(0)
     base = GPT(cfg)
-    data = _batches(cfg.vocab_size, steps, accum, B, T, seed=1)
+    data = _batches(cfg.vocab_size, steps + queued, accum, B, T, seed=1)
     results = []
     for variant in variants:
         m = copy.deepcopy(base)
@@ -56,7 +57,7 @@ def _train_both(cfg, steps, accum=2, device="cpu", ctx=None, lr=1e-2, B=3, T=8, 
         drain()
         for s in range(steps):
             rows = tables.rows()
-            if s + 1 < steps:
+            if s + 1 < len(data):
                 tables.prefetch([x for x, _ in data[s + 1]])
                 drain()
             for (x, y), (stem_ids, stem_tables) in zip(data[s], rows):
@@ -83,7 +84,8 @@ def test_training_offloaded_is_bit_identical_to_resident_lazy(narrow, monkeypatc
     # layouts ((K, ffn) blocks resident, (K, n_stem * ffn) packed rows offloaded)
     monkeypatch.setattr(tables, "NARROW", narrow)
     cfg = tiny_config(vocab_size=40, ffn_hidden=32, stem_layers="1,3")
-    (sd_r, opt_r, loss_r, _), (sd_o, opt_o, loss_o, eng) = _train_both(cfg, steps=8)
+    # read with a step queued: sync() must write back the rows carried into it
+    (sd_r, opt_r, loss_r, _), (sd_o, opt_o, loss_o, eng) = _train_both(cfg, steps=8, queued=True)
     # the data exercises every path: rows shared with a neighbouring step (updated on the device and
     # carried), rows of one step only (host update), rows leaving the device (written back)
     assert all(v > 0 for v in eng.counts.values()), eng.counts

@@ -213,3 +213,23 @@ def test_bench_decode_refuses_a_checkpoint_of_other_data(trained, tmp_path):
     torch.save(ckpt, tmp_path / "ckpt.pt")
     p = run("bench.py", "--mode=decode", "--device=cpu", f"--ckpt={tmp_path}/ckpt.pt", ok=False)
     assert_user_error(p, "fedcba9876543210", "--data_dir")
+
+
+def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
+    """An interrupted save (Ctrl-C or a full disk mid-write) leaves the previous checkpoint's bytes
+    and no half file: the write goes to a temporary name and is renamed only when complete."""
+    import common
+    path = str(tmp_path / "ckpt.pt")
+    common.save_checkpoint(path, {"iter": 1, "w": torch.ones(3)})
+    before = snapshot(tmp_path)
+
+    def half_then_interrupt(obj, f):
+        open(f, "wb").write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common.torch, "save", half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        common.save_checkpoint(path, {"iter": 2, "w": torch.zeros(3)})
+    assert snapshot(tmp_path) == before and list(before) == ["ckpt.pt"]
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["iter"] == 1

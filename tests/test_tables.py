@@ -89,6 +89,43 @@ def test_row_adamw_equals_fused_adamw_on_present_rows_and_leaves_others(threads,
         torch.testing.assert_close(opt.p.double(), ref_p, rtol=1e-5, atol=1e-6)
 
 
+def test_lazy_tables_equal_clipping_then_adamw_on_present_rows():
+    """The lazy tables through the interface, with non-default hyperparameters and clipping that
+    bites, against a float64 reference built from the dense model's gradient: the joint norm of the
+    present rows, torch's clip factor, then AdamW with the global step count on those rows alone."""
+    cfg = tiny_config(vocab_size=40, ffn_hidden=32)
+    m = GPT(cfg)
+    dense = copy.deepcopy(m)
+    hyper = dict(betas=(0.8, 0.9), eps=1e-6, weight_decay=0.3)
+    lr, max_norm, (b1, b2) = 2e-2, 0.02, hyper["betas"]
+    tables = ResidentTables(m, "cpu", "lazy", **hyper)
+    P = [f.table.detach().double().clone() for f in dense.stem_ffns()]
+    M, V = [torch.zeros_like(p) for p in P], [torch.zeros_like(p) for p in P]
+    for t, (xs, ys) in enumerate(_data(cfg.vocab_size, 4), 1):
+        tables.prefetch(xs)
+        for (stem_ids, stem_tables), x, y in zip(tables.rows(), xs, ys):
+            (m(x, y, stem_ids=stem_ids, stem_tables=stem_tables)[1] / len(xs)).backward()
+            (dense(x, y)[1] / len(xs)).backward()
+        norm = tables.step(lr, max_norm)
+        uniq = unique_ids(xs)[0]
+        grads = [f.table.grad[uniq].double() for f in dense.stem_ffns()]
+        ref_norm = torch.cat([g.flatten() for g in grads]).norm()
+        assert ref_norm > 2 * max_norm  # clipping is active
+        torch.testing.assert_close(norm.double(), ref_norm, rtol=1e-5, atol=0)
+        coef = max_norm / (ref_norm + 1e-6)
+        for p, mo, v, g, f in zip(P, M, V, grads, dense.stem_ffns()):
+            g = g * coef
+            p[uniq] *= 1 - lr * hyper["weight_decay"]
+            mo[uniq] = b1 * mo[uniq] + (1 - b1) * g
+            v[uniq] = b2 * v[uniq] + (1 - b2) * g * g
+            p[uniq] -= lr * (mo[uniq] / (1 - b1 ** t)) / ((v[uniq] / (1 - b2 ** t)).sqrt() + hyper["eps"])
+            f.table.data.copy_(p)  # the reference model follows the reference tables
+        dense.zero_grad(set_to_none=True)
+        m.zero_grad(set_to_none=True)
+    for f, p in zip(m.stem_ffns(), P):
+        torch.testing.assert_close(f.table.double(), p, rtol=1e-5, atol=1e-7)
+
+
 def test_lazy_compact_gradients_equal_dense_gradient_rows():
     cfg = tiny_config(vocab_size=40, ffn_hidden=32)
     m = GPT(cfg)
@@ -124,7 +161,9 @@ def test_lazy_tables_move_only_present_rows_and_state_round_trips():
     sd = tables.optimizer_state_dict(1e-2)
     other = ResidentTables(GPT(cfg), "cpu", "lazy")
     other.load_optimizer_state_dict(sd)
-    assert other.steps == 3 and torch.equal(other.opts[1].v, tables.opts[1].v)
+    assert other.steps == 3
+    for o, r in zip(other.opts, tables.opts):
+        assert torch.equal(o.m, r.m) and torch.equal(o.v, r.v) and (r.m != 0).any()
     with pytest.raises(ValueError, match="table_optimizer=lazy"):
         ResidentTables(GPT(cfg), "cpu", "dense").load_optimizer_state_dict(sd)
 
@@ -144,3 +183,50 @@ def test_prefetch_twice_raises():
     tables.prefetch([torch.zeros(1, 4, dtype=torch.long)])
     with pytest.raises(RuntimeError, match="prefetch"):
         tables.prefetch([torch.zeros(1, 4, dtype=torch.long)])
+
+
+def _ddp_rank(rank, world, init, cfg, xs, ys, out):
+    """One gloo rank: lazy tables with ddp=True, one step on its own micro-batch."""
+    import torch.distributed as dist
+    from common import ranks_agree
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    m = GPT(cfg)
+    tables = ResidentTables(m, "cpu", "lazy", ddp=True, **HYPER)
+    tables.prefetch([xs[rank]])
+    [(stem_ids, stem_tables)] = tables.rows()
+    m(xs[rank], ys[rank], stem_ids=stem_ids, stem_tables=stem_tables)[1].backward()
+    norm = tables.step(1e-2, 1e9)
+    agree = ranks_agree(m, world)
+    if rank == 1:
+        with torch.no_grad():
+            m.stem_ffns()[0].table[0, 0] += 1.0
+    disagree = ranks_agree(m, world)
+    if rank == 0:
+        torch.save(dict(norm=norm, tables=[f.table for f in m.stem_ffns()], agree=agree, disagree=disagree), out)
+    dist.destroy_process_group()
+
+
+def test_ddp_lazy_tables_equal_one_process_on_both_batches(tmp_path):
+    """Two gloo ranks, each with its own micro-batch, against one process that sees both as two
+    micro-batches of half weight: the union of ids, the averaged compact gradients, their norm and
+    the updated rows agree; and ranks_agree tells equal weights from unequal ones."""
+    import torch.multiprocessing as mp
+    cfg = tiny_config(vocab_size=40, ffn_hidden=32)
+    xs, ys = _data(cfg.vocab_size, 1)[0]
+    xs[1] = xs[1] + 20 * (xs[1] < 20)  # the ranks see different ids (the union matters)
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_ddp_rank, args=(2, f"file://{tmp_path}/init", cfg, xs, ys, str(out)), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    torch.manual_seed(0)
+    m = GPT(cfg)
+    tables = ResidentTables(m, "cpu", "lazy", **HYPER)
+    tables.prefetch(xs)
+    for (stem_ids, stem_tables), x, y in zip(tables.rows(), xs, ys):
+        (m(x, y, stem_ids=stem_ids, stem_tables=stem_tables)[1] / 2).backward()
+    norm = tables.step(1e-2, 1e9)
+    torch.testing.assert_close(got["norm"], norm, rtol=1e-6, atol=0)
+    for a, f in zip(got["tables"], m.stem_ffns()):
+        torch.testing.assert_close(a, f.table, rtol=1e-6, atol=1e-7)
+    assert got["agree"] and not got["disagree"]
