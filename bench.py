@@ -1342,7 +1342,10 @@ def main(argv):
                 if bc.data_dir != BenchConfig.data_dir:
                     load_meta(bc.data_dir)  # raises the usual hint
                 import prepare_data
-                prepare_data.prepare(dataset="facts", out_dir=bc.data_dir, progress=False)
+                try:
+                    prepare_data.prepare(dataset="facts", out_dir=bc.data_dir, progress=False)
+                except prepare_data.DataError as e:
+                    raise UserError(str(e)) from None
             mc.vocab_size = load_meta(bc.data_dir)["vocab_size"]
         header(bc, mc if bc.mode != "ffn" and not (bc.mode == "decode" and bc.ckpt) else None, device, dtype, note)
         if bc.mode == "ffn":

@@ -8,6 +8,7 @@ import ast
 import dataclasses
 import inspect
 import json
+import math
 import os
 import random
 import socket
@@ -46,13 +47,15 @@ def _coerce(key, value, typ, from_cli):
                 if value.lower() not in ("true", "false", "1", "0"):
                     raise ValueError
                 return value.lower() in ("true", "1")
-            return typ(value) if typ in (int, float) else value
+            value = typ(value) if typ in (int, float) else value
         except ValueError:
             raise UserError(f"--{key}={value} is not a valid {typ.__name__}") from None
     if typ is float and type(value) is int:
         value = float(value)
     if type(value) is not typ:
         raise UserError(f"{key} = {value!r} is not a {typ.__name__}")
+    if typ is float and not math.isfinite(value):
+        raise UserError(f"{key}={value} is not a finite number")
     return value
 
 
@@ -219,8 +222,18 @@ def load_meta(data_dir):
             hint = f"python prepare_data.py --dataset=text --input=YOUR_TEXT --out_dir={data_dir}"
         raise UserError(f"no prepared data in {data_dir} (meta.json missing): run `{hint}` first, "
                         f"or point --data_dir at a prepared folder")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        assert isinstance(meta, dict)
+        assert isinstance(meta["vocab_size"], int) and meta["vocab_size"] >= 1
+        assert np.dtype(meta["dtype"]) in (np.dtype(np.uint16), np.dtype(np.uint32))
+        for split in ("train", "val"):
+            assert os.path.getsize(os.path.join(data_dir, f"{split}.bin")) % np.dtype(meta["dtype"]).itemsize == 0
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise UserError(f"{data_dir} is damaged (meta.json unreadable or incomplete, or a .bin file missing or "
+                        f"cut short): prepare it again with prepare_data.py") from None
+    return meta
 
 
 class Batches:
@@ -496,7 +509,20 @@ def clock(seconds):
 
 
 def truncate_jsonl(path, last_iter):
-    """Keep the rows of a metrics file up to last_iter (a resumed run rewrites what came after)."""
+    """Keep the rows of a metrics file up to last_iter (a resumed run rewrites what came after).
+    Every line is read before anything is written, and the file is replaced atomically; a line that
+    does not parse (a process killed mid-append) is dropped with a note."""
     old = open(path).readlines() if (last_iter and os.path.exists(path)) else []
-    with open(path, "w") as f:
-        f.writelines(line for line in old if json.loads(line)["iter"] <= last_iter)
+    keep, bad = [], 0
+    for line in old:
+        try:
+            row = json.loads(line)
+            if row["iter"] <= last_iter:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            bad += 1
+    if bad:
+        print(f"note: {path}: {bad} unreadable line(s) dropped (a run killed mid-write leaves one)")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)

@@ -655,6 +655,11 @@ def _already_prepared(out_dir, record, force):
     """True if out_dir holds intact data made from `record`. Data made from anything else is an error,
     unless force (then it is replaced)."""
     path = os.path.join(out_dir, "meta.json")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"out_dir {out_dir} is a file, not a folder: choose another --out_dir")
+    if not force and not os.path.exists(path) and os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise DataError(f"{out_dir} holds files but no meta.json, so not data this script prepared (or a preparation "
+                        f"that was interrupted): pass --out_dir=OTHER to keep them, or --force to write over them")
     if force or not os.path.exists(path):
         return False
     try:

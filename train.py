@@ -17,6 +17,7 @@ import gc
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -38,7 +39,7 @@ from tables import ResidentTables
 class TrainConfig:
     data_dir: str = "data/facts"  # made by prepare_data.py (the facts data is made here if missing)
     out_dir: str = "out"  # ckpt.pt, metrics.jsonl, loss.png (and best.pt with keep_best)
-    init_from: str = "scratch"  # "scratch" (refused if out_dir holds a checkpoint) or "resume" (continue exactly)
+    init_from: str = "scratch"  # "scratch" (refused over a checkpoint) or "resume" (continue; keys not given: the checkpoint's)
     batch_size: int = 32  # sequences per micro-batch (per process under DDP)
     grad_accum: int = 1  # micro-batches per optimizer step
     max_iters: int = 600  # optimizer steps (the default run: about 2.5 minutes on a 2-core CPU)
@@ -92,31 +93,47 @@ def check_config(tc, mc):
                         f"--out_dir (or delete {ckpt_path} first)")
 
 
+MACHINE_KEYS = ("init_from", "out_dir", "device", "dtype", "compile", "offload")  # where it runs, not what it trains
+
+
 def load_run(tc, mc, keys_set, ddp):
     """The data's meta (the facts data is made on first use) and, on resume, the checkpoint, checked
-    against this run's data and arguments. The model config comes from the data (vocab) or the checkpoint."""
+    against this run's data and arguments. The model config comes from the data (vocab) or the
+    checkpoint; on resume, so do the training keys not given (a resume continues the same run)."""
+    ckpt = None
+    if tc.init_from == "resume":
+        path = os.path.join(tc.out_dir, "ckpt.pt")
+        ckpt = load_checkpoint(path)
+        saved = ckpt["config"]["train"]
+        changed = [f"{k} {saved[k]!r} -> {getattr(tc, k)!r}" for k in sorted(keys_set)
+                   if k in saved and k not in MACHINE_KEYS and saved[k] != getattr(tc, k)]
+        require("weight_decay" not in keys_set or saved.get("weight_decay", tc.weight_decay) == tc.weight_decay,
+                f"weight_decay cannot change on resume (the optimizer state holds {saved.get('weight_decay')}): "
+                f"drop --weight_decay, or train from scratch in another --out_dir")
+        for k, v in saved.items():
+            if k not in keys_set and k not in MACHINE_KEYS and hasattr(tc, k):
+                setattr(tc, k, v)
+        check_config(tc, mc)
+        if changed:
+            print(f"note: resuming with changed training keys: {', '.join(changed)}")
     if not os.path.isfile(os.path.join(tc.data_dir, "meta.json")) and tc.data_dir == TrainConfig.data_dir and not ddp:
         print(f"{tc.data_dir} not found: preparing the facts dataset (python prepare_data.py)")
         import prepare_data
-        prepare_data.prepare(dataset="facts", out_dir=tc.data_dir)
+        try:
+            prepare_data.prepare(dataset="facts", out_dir=tc.data_dir)
+        except prepare_data.DataError as e:
+            raise UserError(str(e)) from None
     meta = load_meta(tc.data_dir)
     if "vocab_size" not in keys_set:
         mc.vocab_size = meta["vocab_size"]
     require(mc.vocab_size >= meta["vocab_size"], f"vocab_size={mc.vocab_size} is smaller than the data's "
             f"{meta['vocab_size']}: drop --vocab_size")
-    if tc.init_from == "scratch":
+    if ckpt is None:
         return meta, None
-    path = os.path.join(tc.out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(path)
     check_same_architecture(ckpt["config"]["model"], mc, keys_set, path)
     check_provenance(ckpt, meta, tc.data_dir, path)
     for k, v in ckpt["config"]["model"].items():
         setattr(mc, k, v)
-    saved = ckpt["config"]["train"]
-    changed = [f"{k} {saved[k]!r} -> {getattr(tc, k)!r}" for k in sorted(keys_set)
-               if k in saved and k != "init_from" and saved[k] != getattr(tc, k)]
-    if changed:
-        print(f"note: resuming with changed training keys: {', '.join(changed)}")
     return meta, ckpt
 
 
@@ -242,6 +259,9 @@ def train(tc, mc, keys_set, argv):
     if ckpt:
         batches.gen.set_state(ckpt["rng"]["data"])
         ckpt = None  # free memory
+        if state["iter"] >= tc.max_iters:
+            log(f"note: the checkpoint is at step {state['iter']} and max_iters is {tc.max_iters}: nothing to train "
+                f"(raise --max_iters to continue)")
     model = torch.compile(raw_model) if tc.compile and device.startswith("cuda") else raw_model  # CPU: not worth it
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -280,6 +300,10 @@ def train(tc, mc, keys_set, argv):
         if improved:
             state.update(best_val_loss=losses["val"], best_iter=state["iter"])
         state["last_val_loss"] = losses["val"]
+        if not math.isfinite(losses["val"]):  # diverged: keep the last good checkpoint
+            raise UserError(f"training diverged at step {state['iter']} (val loss {losses['val']}): "
+                            + (f"{paths['ckpt']} keeps step {saved[0]}" if saved[0] is not None else "no checkpoint written")
+                            + "; lower --learning_rate or raise --warmup_iters")
         save_checkpoint(paths["ckpt"], checkpoint(raw_model, tables, optimizer, tc, mc, meta, state, data_rng, device))
         saved[0] = state["iter"]
         if tc.keep_best and improved:
@@ -335,9 +359,11 @@ def train(tc, mc, keys_set, argv):
                 evaluate_and_save()
                 progress.t_last = time.time()  # evaluation time is not step time
     except KeyboardInterrupt:
-        args = [a for a in argv if not a.startswith("--init_from")]
+        # a resume takes the training keys from the checkpoint: name the folder and where it runs
+        args = [f"--{k}={getattr(tc, k)}" for k in MACHINE_KEYS[1:] if k in keys_set or k == "out_dir"]
         log(f"\ninterrupted at step {state['iter']}: " + (f"{paths['ckpt']} holds step {saved[0]}; continue with: "
-            f"python train.py {' '.join(args + ['--init_from=resume'])}" if saved[0] is not None else "no checkpoint was written"))
+            f"python train.py {' '.join(shlex.quote(a) for a in args + ['--init_from=resume'])}"
+            if saved[0] is not None else "no checkpoint was written"))
         sys.exit(130)
 
     if ddp:

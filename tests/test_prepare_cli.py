@@ -137,3 +137,19 @@ def test_refuses_other_inputs_unless_force(tmp_path):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["inputs"]["seed"] == 2 and snapshot(out) != before
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+def test_refuses_a_folder_it_did_not_prepare_unless_force(tmp_path):
+    out = tmp_path / "nanogpt_data"  # say nanoGPT's: train.bin, val.bin and meta.pkl, no meta.json
+    out.mkdir()
+    for name in ("train.bin", "meta.pkl"):
+        (out / name).write_bytes(b"precious")
+    before = snapshot(out)
+    p = run("prepare_data.py", "--entities=8", f"--out_dir={out}", ok=False)
+    assert_user_error(p, "holds files but no meta.json", "--out_dir=OTHER", "--force")
+    assert snapshot(out) == before
+    run("prepare_data.py", "--entities=8", f"--out_dir={out}", "--force")
+    assert (out / "meta.json").exists() and (out / "meta.pkl").read_bytes() == b"precious"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert_user_error(run("prepare_data.py", "--entities=8", f"--out_dir={afile}", ok=False), "is a file")

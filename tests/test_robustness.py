@@ -80,6 +80,77 @@ def test_resume_lists_changed_keys_and_counts_tokens_on(trained, facts, tmp_path
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["tokens"] == tokens[-1]
 
 
+def test_resume_takes_the_checkpoints_training_keys(trained, tmp_path):
+    """Only the folder and the new max_iters given: data_dir, batch_size, learning_rate, ... come
+    from the checkpoint (the defaults would be data/facts, 32, 3e-3), so the run goes on as it was."""
+    out = str(tmp_path / "run")
+    shutil.copytree(trained[0], out)
+    p = run("train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=8")
+    assert "resuming with changed training keys: max_iters 6 -> 8\n" in p.stdout  # only what was given
+    cfg = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]["train"]
+    saved = torch.load(os.path.join(trained[0], "ckpt.pt"), weights_only=True)["config"]["train"]
+    assert {k: v for k, v in cfg.items() if k not in ("max_iters", "init_from", "out_dir")} == \
+        {k: v for k, v in saved.items() if k not in ("max_iters", "init_from", "out_dir")}
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["tokens"] for r in rows if r["kind"] == "train"][-1] == 8 * 4 * 32  # batch 4 all along
+
+
+def test_resume_refuses_another_weight_decay(trained, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(trained[0], out)
+    before = snapshot(out)
+    p = run("train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=8", "--weight_decay=0.5", ok=False)
+    assert_user_error(p, "weight_decay cannot change on resume", "drop --weight_decay")
+    assert snapshot(out) == before
+
+
+def test_resume_survives_a_damaged_metrics_line(trained, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(trained[0], out)
+    path = os.path.join(out, "metrics.jsonl")
+    good = open(path).readlines()
+    with open(path, "w") as f:
+        f.writelines(good[:3] + ["garbage\n"] + good[3:] + ['{"kind": "train", "it'])  # a run killed mid-append
+    p = run("train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=7")
+    assert "2 unreadable line(s) dropped" in p.stdout
+    rows = open(path).readlines()
+    assert rows[:len(good)] == good and json.loads(rows[-1])["iter"] == 7
+
+
+def test_divergence_keeps_the_last_good_checkpoint(facts, tmp_path, capsys, monkeypatch):
+    import train
+    real, calls = train.evaluate, []
+
+    def evaluate(*a, **k):  # finite at step 0, then a diverged model
+        calls.append(1)
+        return real(*a, **k) if len(calls) == 1 else {"train": float("nan"), "val": float("nan")}
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    out = tmp_path / "run"
+    code, _, err = train_main(capsys, f"--data_dir={facts}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=2",
+                              "--eval_facts=False", *TINY)
+    assert code == 1 and err.startswith("error: training diverged at step 2") and "keeps step 0" in err, err
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 0
+
+
+@pytest.mark.parametrize("damage", ["meta_not_json", "meta_no_vocab", "bin_cut_short"])
+def test_a_damaged_data_folder_is_one_line(facts, tmp_path, capsys, damage):
+    d = tmp_path / "data"
+    shutil.copytree(facts, d)
+    if damage == "meta_not_json":
+        (d / "meta.json").write_text("{")
+    elif damage == "meta_no_vocab":
+        meta = json.loads((d / "meta.json").read_text())
+        del meta["vocab_size"]
+        (d / "meta.json").write_text(json.dumps(meta))
+    else:
+        with open(d / "train.bin", "ab") as f:
+            f.write(b"x")  # an odd byte count: not whole uint16 ids
+    code, _, err = train_main(capsys, f"--data_dir={d}", f"--out_dir={tmp_path / 'run'}", *TINY)
+    assert code == 1 and err.count("\n") == 1 and "is damaged" in err and "prepare it again" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 # ---- every value checked before any work ----------------------------------------------------------
 
 BAD = [(["--batch_size=0"], "batch_size=0 must be at least 1"), (["--batch_size=-1"], "batch_size=-1"),
@@ -87,7 +158,9 @@ BAD = [(["--batch_size=0"], "batch_size=0 must be at least 1"), (["--batch_size=
        (["--eval_interval=0"], "eval_interval=0"), (["--n_head=0"], "n_head=0"), (["--ffn_hidden=0"], "ffn_hidden=0"),
        (["--n_embd=100", "--n_head=3"], "not divisible by n_head=3"), (["--n_embd=132", "--n_head=4"], "is odd"),
        (["--learning_rate=-1"], "learning_rate=-1.0 must be positive"), (["--block_size=0"], "block_size=0"),
-       (["--max_iters=-5"], "max_iters"), (["--min_lr=1"], "min_lr"), (["--grad_clip=0"], "grad_clip")]
+       (["--max_iters=-5"], "max_iters"), (["--min_lr=1"], "min_lr"), (["--grad_clip=0"], "grad_clip"),
+       (["--learning_rate=inf"], "learning_rate=inf is not a finite number"),
+       (["--weight_decay=nan"], "weight_decay=nan is not a finite number")]
 
 
 @pytest.mark.parametrize("args,needle", BAD, ids=[" ".join(a) for a, _ in BAD])
