@@ -566,6 +566,9 @@ def bench_decode(bc, mc, device, ctx):
         print("# decode model: " + bc.ckpt + " (" + ", ".join(f"{k}={v}" for k, v in asdict(mc).items()) + ")")
     else:
         model = GPT(mc)
+    require(model.stem_layers, f"the decode bench compares resident and offloaded tables, and this model has none "
+            f"(ffn={mc.ffn}, stem_layers={mc.stem_layers!r}, n_layer={mc.n_layer}): give a STEM model")
+    require(mc.block_size >= 4, f"block_size={mc.block_size}: the decode bench needs at least 4 (half prompt, half new)")
     model = model.to(device).eval()
     meta = load_meta(bc.data_dir)
     batches = Batches(bc.data_dir, meta, mc.block_size // 2, bc.batch_size, "cpu", seed=0)
@@ -1078,6 +1081,8 @@ def bench_context(bc, device, ctx, keys_set):
         stem, ckpt, stem_data, meta = load_model(bc.ckpt, device)
         dense, dckpt, _, _ = load_model(bc.ckpt_swiglu, device, "--ckpt_swiglu")
         same_data(dckpt, meta, stem_data, bc.ckpt_swiglu)
+        require(stem.stem_layers and dense.cfg.ffn == "swiglu", f"--ckpt is ffn={stem.cfg.ffn} and --ckpt_swiglu "
+                f"ffn={dense.cfg.ffn}: --ckpt must have table layers and --ckpt_swiglu be SwiGLU (swapped?)")
         require(dense.cfg.block_size == stem.cfg.block_size, f"the two checkpoints have block_size "
                 f"{stem.cfg.block_size} and {dense.cfg.block_size}: per-position losses need the same context")
         if "data_dir" in keys_set:

@@ -75,6 +75,8 @@ def parse_edit(e):
     if not eq or not src.strip() or not tgt.strip() or "=" in tgt:
         raise UserError(f"--edit {e!r} is not Source=Target (one '=', text on both sides), "
                         f"e.g. --edit \"Velmora=Korvath\"; repeat --edit for more than one")
+    if "<|" in e and "|>" in e:
+        raise UserError(f"--edit {e!r}: special tokens such as <|endoftext|> have no row to swap; edit words")
     return src.strip(), tgt.strip()
 
 

@@ -242,6 +242,8 @@ def test_claim_modes_bad_arguments(trained, swiglu_run, tmp_path):
                          (["--mode=spread", f"--ckpt={tmp_path}/none"], "no checkpoint there"),
                          (["--mode=locality", f"--ckpt={swiglu_run}"], "no table layers"),
                          (["--mode=context", f"--ckpt={out}"], "give both"),
+                         (["--mode=context", f"--ckpt={swiglu_run}", f"--ckpt_swiglu={out}"], "swapped"),
+                         (["--mode=context", f"--ckpt={out}", f"--ckpt_swiglu={out}"], "swapped"),
                          (["--mode=stability", "--stability_lrs=1,-3"], "stability_lrs"),
                          (["--mode=stability", "--stability_seeds=a"], "stability_seeds"),
                          (["--mode=stability", "--spike_margin=0"], "spike_margin"),

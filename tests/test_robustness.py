@@ -263,7 +263,9 @@ def test_ctrl_c_leaves_a_whole_checkpoint_and_the_resume_command(facts, tmp_path
 
 @pytest.mark.parametrize("args,needle", [(["--mode=speed"], "mode='speed'"), (["--steps=0"], "steps=0"),
                                          (["--batch_size=-2"], "batch_size=-2"), (["--shapes=128x512"], "shapes="),
-                                         (["--cache_sizes=16,x"], "cache_sizes="), (["--n_head=3"], "not divisible")])
+                                         (["--cache_sizes=16,x"], "cache_sizes="), (["--n_head=3"], "not divisible"),
+                                         (["--mode=decode", "--ffn=swiglu"], "has none"),
+                                         (["--mode=decode", "--n_layer=1"], "has none")])
 def test_bench_bad_values(args, needle):
     assert_user_error(run("bench.py", "--device=cpu", *args, ok=False), needle)
 

@@ -33,6 +33,7 @@ def _names(facts, n=3):
     ("--edit=A=B=C", "one '='"),
     ("--edit==B", "text on both sides"),
     ("--edit=A=", "text on both sides"),
+    ("--edit=Tunbo=<|endoftext|>", "special tokens"),
 ])
 def test_bad_values_refused_before_the_checkpoint(arg, needle, tmp_path):
     import sample
