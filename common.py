@@ -126,8 +126,11 @@ def parse_config(argv, *configs, doc=None):
         if key not in fields:
             raise UserError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(fields))}")
         obj, f = fields[key]
-        if f.type is list:
-            getattr(obj, key).append(value)
+        if f.type is list:  # repeatable: --key a --key b, or in a preset key = "a" or key = ["a", "b"]
+            values = value if isinstance(value, (list, tuple)) and not from_cli else [value]
+            if not all(isinstance(v, str) for v in values):
+                raise UserError(f"{key} = {value!r} is not a string or a list of strings")
+            getattr(obj, key).extend(values)
         else:
             setattr(obj, key, _coerce(key, value, f.type, from_cli))
         seen.add(key)

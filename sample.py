@@ -65,8 +65,11 @@ def check_config(sc):
             f"prefill_chunk={sc.prefill_chunk} must be at least 1, or None for the whole prompt at once")
     require(sc.edit_align in ("left_pad", "copy", "average"),
             f"edit_align={sc.edit_align!r} is not one of left_pad, copy, average")
-    for e in sc.edit:
-        parse_edit(e)
+    sources = [parse_edit(e)[0] for e in sc.edit]
+    twice = sorted({x for x in sources if sources.count(x) > 1})
+    require(not twice, f"--edit names {', '.join(twice)} as Source more than once: one Target per Source")
+    require(not (sc.eval_facts and sc.edit), "--eval_facts measures the model as trained (and prints its own edit "
+            "test over 100 entity pairs): drop --edit, or drop --eval_facts to sample with the edit")
 
 
 def parse_edit(e):

@@ -34,12 +34,14 @@ def _names(facts, n=3):
     ("--edit==B", "text on both sides"),
     ("--edit=A=", "text on both sides"),
     ("--edit=Tunbo=<|endoftext|>", "special tokens"),
+    ("--edit=A=B --edit=A=C", "Source more than once"),
+    ("--eval_facts --edit=A=B", "drop --edit"),
 ])
 def test_bad_values_refused_before_the_checkpoint(arg, needle, tmp_path):
     import sample
     # tmp_path holds no checkpoint: were the value checked only after loading, this would say "no checkpoint at"
     with pytest.raises(UserError, match=re.escape(needle)):
-        sample.main([f"--out_dir={tmp_path}", arg])
+        sample.main([f"--out_dir={tmp_path}", *arg.split()])
 
 
 def test_bad_value_is_one_error_line(tmp_path):

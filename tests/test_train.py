@@ -168,3 +168,21 @@ def test_bad_sample_inputs(trained, facts, tmp_path):
 def test_cuda_asked_for_without_cuda(facts):
     assert_user_error(run("train.py", f"--data_dir={facts}", "--device=cuda", ok=False),
                       "CUDA is not available", "--device=cpu")
+
+
+def test_preset_list_keys(tmp_path):
+    """A repeatable key in a preset: one string or a list of strings, added to those given on the command line."""
+    import sample
+    from common import UserError, parse_config
+    cfg = sample.SampleConfig()
+    preset = tmp_path / "s.py"
+    preset.write_text('edit = ["A=B", "C=D"]\n')
+    parse_config([str(preset), "--edit=E=F"], cfg)
+    assert cfg.edit == ["A=B", "C=D", "E=F"]
+    cfg = sample.SampleConfig()
+    preset.write_text('edit = "A=B"\n')
+    parse_config([str(preset)], cfg)
+    assert cfg.edit == ["A=B"]
+    preset.write_text("edit = 5\n")
+    with pytest.raises(UserError, match="not a string or a list of strings"):
+        parse_config([str(preset)], sample.SampleConfig())
