@@ -40,8 +40,8 @@ import torch.nn.functional as F
 
 from model import GPT, GPTConfig, STEM, SwiGLU, configure_optimizer
 from tables import ResidentTables
-from common import (Batches, UserError, check_model_config, die, edit_probes, fact_recall, load_meta, parse_config,
-                    require, resolve_device)
+from common import (Batches, UserError, check_model_config, die, edit_probes, fact_recall, load_checkpoint, load_meta,
+                    parse_config, require, resolve_device)
 
 MODES = ("ffn", "train", "offload", "decode", "quality", "spread", "stability", "context", "locality")
 # dense bf16 peak of known GPUs (FLOP/s), for MFU; others: pass --peak_flops
@@ -496,6 +496,9 @@ def bench_offload(bc, mc, device, argv):
     else:
         K, s, source = WEB_TEXT["unique"], WEB_TEXT["shared"], "web-text estimate: Zipf over BPE ranks x burstiness, 8.9k-15.4k"
     n_stem = len(GPT(GPTConfig(**{**{k: v for k, v in shape.items() if k != "batch_size"}, "vocab_size": 8})).stem_layers)
+    require(n_stem, f"the {bc.shape} shape has no table layers (ffn={shape.get('ffn', 'stem')}, "
+            f"stem_layers={shape.get('stem_layers')!r}): nothing to offload; give a STEM shape")
+    require(K <= shape["vocab_size"], f"unique_ids={K} is more than the shape's vocabulary ({shape['vocab_size']})")
     W = n_stem * shape["ffn_hidden"]
     rates, threads = host_rates(shape["vocab_size"], W, int(K), bc.steps, bc.host_threads)
     res = dict(shape=shape, ids=dict(st, data_dir=bc.data_dir, used_unique=K, used_shared=s, source=source),
@@ -640,7 +643,10 @@ def bench_quality(bc):
         path = os.path.join(bc.runs, name, "metrics.jsonl")
         if not os.path.isfile(path) or "-s" not in name:
             continue
-        ckpt = torch.load(os.path.join(bc.runs, name, "ckpt.pt"), map_location="cpu", weights_only=True)
+        if not os.path.isfile(os.path.join(bc.runs, name, "ckpt.pt")):
+            print(f"# skipping {name}: unfinished (no checkpoint yet)")
+            continue
+        ckpt = load_checkpoint(os.path.join(bc.runs, name, "ckpt.pt"))
         if ckpt["iter"] != ckpt["config"]["train"]["max_iters"]:
             print(f"# skipping {name}: unfinished ({ckpt['iter']} of {ckpt['config']['train']['max_iters']} steps)")
             continue

@@ -99,7 +99,11 @@ def test_quality_mode_summarises_runs(facts, tmp_path):
     for name, a in (("facts-swiglu-s1", "--ffn=swiglu"), ("facts-swiglu-s2", "--ffn=swiglu"), ("facts-stem-all-s1", "--ffn=stem")):
         _train_inproc(f"--data_dir={facts}", f"--out_dir={runs / name}", "--max_iters=2", "--eval_interval=1",
                       a, f"--seed={name[-1]}", *TINY)
-    res = last_json(run("bench.py", "--mode=quality", f"--runs={runs}", f"--plot_dir={tmp_path}"))
+    (runs / "facts-stem-all-s2").mkdir()  # a run interrupted before its first checkpoint
+    (runs / "facts-stem-all-s2" / "metrics.jsonl").write_text("")
+    p = run("bench.py", "--mode=quality", f"--runs={runs}", f"--plot_dir={tmp_path}")
+    assert "# skipping facts-stem-all-s2: unfinished (no checkpoint yet)" in p.stdout
+    res = last_json(p)
     q = {(r["dataset"], r["arch"]): r for r in res["quality"]}
     assert set(q) == {("facts", "swiglu"), ("facts", "stem-all")}
     assert q[("facts", "swiglu")]["seeds"] == 2 and q[("facts", "stem-all")]["seeds"] == 1

@@ -265,7 +265,9 @@ def test_ctrl_c_leaves_a_whole_checkpoint_and_the_resume_command(facts, tmp_path
                                          (["--batch_size=-2"], "batch_size=-2"), (["--shapes=128x512"], "shapes="),
                                          (["--cache_sizes=16,x"], "cache_sizes="), (["--n_head=3"], "not divisible"),
                                          (["--mode=decode", "--ffn=swiglu"], "has none"),
-                                         (["--mode=decode", "--n_layer=1"], "has none")])
+                                         (["--mode=decode", "--n_layer=1"], "has none"),
+                                         (["--mode=offload", "--shape=model", "--ffn=swiglu"], "no table layers"),
+                                         (["--mode=offload", "--shape=model", "--unique_ids=99999"], "more than")])
 def test_bench_bad_values(args, needle):
     assert_user_error(run("bench.py", "--device=cpu", *args, ok=False), needle)
 
