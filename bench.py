@@ -53,7 +53,7 @@ class BenchConfig:
     mode: str = "ffn"  # ffn | train | offload | decode | quality | spread | stability | context | locality
     device: str = "auto"
     dtype: str = "auto"
-    data_dir: str = "data/facts"  # real tokens for train / offload / decode / context (stability: default the preset's)
+    data_dir: str = "data/facts"  # real tokens for train / offload / decode / context (stability: the preset's; decode --ckpt: the checkpoint's unless given)
     batch_size: int = 16
     burn_in: int = 3  # untimed steps first (allocator warm-up, lazy init)
     steps: int = 10  # timed steps
@@ -556,14 +556,18 @@ def bench_offload(bc, mc, device, argv):
 # decode: generation, resident vs offloaded, cache hit rate
 
 
-def bench_decode(bc, mc, device, ctx):
+def bench_decode(bc, mc, device, ctx, keys_set=frozenset()):
     import offload
     from common import check_provenance, load_checkpoint, model_from_checkpoint
     torch.manual_seed(0)
     if bc.ckpt:
+        ignored = sorted(k for k in keys_set if k in GPTConfig.__dataclass_fields__)
+        require(not ignored, f"--ckpt brings its own model: drop {', '.join('--' + k for k in ignored)}")
         bc.ckpt = ckpt_file(bc.ckpt)
         ckpt = load_checkpoint(bc.ckpt)
-        model, bc.data_dir = model_from_checkpoint(ckpt, bc.ckpt), ckpt["config"]["train"]["data_dir"]
+        model = model_from_checkpoint(ckpt, bc.ckpt)
+        if "data_dir" not in keys_set:  # its own data, unless told where that data now lives
+            bc.data_dir = ckpt["config"]["train"]["data_dir"]
         check_provenance(ckpt, load_meta(bc.data_dir), bc.data_dir, bc.ckpt)  # its prompts come from its own data
         mc = model.cfg
         print("# decode model: " + bc.ckpt + " (" + ", ".join(f"{k}={v}" for k, v in asdict(mc).items()) + ")")
@@ -1366,7 +1370,7 @@ def main(argv):
         elif bc.mode == "offload":
             res = bench_offload(bc, mc, device, argv)
         else:
-            res = bench_decode(bc, mc, device, ctx)
+            res = bench_decode(bc, mc, device, ctx, keys_set)
         res.update(device=note, torch=torch.__version__)
     res.update(mode=bc.mode, date=time.strftime("%Y-%m-%d"))
     print(json.dumps(res))

@@ -195,7 +195,8 @@ def resolve_device(device, dtype):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={device} was asked for but CUDA is not available here; use --device=cpu")
-    if device.split(":")[0] not in ("cpu", "cuda"):
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not (kind == "cuda" and index.isdigit())):
         raise UserError(f"device={device!r} is not one of auto, cpu, cuda, cuda:N")
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
@@ -296,12 +297,19 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def model_from_checkpoint(ckpt, path="checkpoint"):
-    cfg = GPTConfig(**ckpt["config"]["model"])
+    other = "it was written by another version of the code"
+    try:
+        cfg = GPTConfig(**ckpt["config"]["model"])
+    except TypeError as e:
+        raise UserError(f"{path}: its model config does not fit this code's GPTConfig ({e}); {other}") from None
     model = GPT(cfg)
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    except RuntimeError:
+        raise UserError(f"{path}: a weight's shape does not match its own config; {other}") from None
     if missing or unexpected:
         raise UserError(f"{path} does not match its own config (missing {missing[:3]}, unexpected "
-                        f"{unexpected[:3]}): it was written by another version of the code")
+                        f"{unexpected[:3]}): {other}")
     return model
 
 

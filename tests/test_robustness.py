@@ -290,6 +290,8 @@ def test_bench_decode_refuses_a_checkpoint_of_other_data(trained, tmp_path):
     torch.save(ckpt, tmp_path / "ckpt.pt")
     p = run("bench.py", "--mode=decode", "--device=cpu", f"--ckpt={tmp_path}/ckpt.pt", ok=False)
     assert_user_error(p, "fedcba9876543210", "--data_dir")
+    p = run("bench.py", "--mode=decode", "--device=cpu", f"--ckpt={trained[0]}/ckpt.pt", "--n_layer=7", ok=False)
+    assert_user_error(p, "--ckpt brings its own model: drop --n_layer")
 
 
 def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
@@ -310,3 +312,20 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
     assert snapshot(tmp_path) == before and list(before) == ["ckpt.pt"]
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["iter"] == 1
+
+
+def test_a_checkpoint_of_another_code_version_is_one_line(trained):
+    from common import UserError, load_checkpoint, model_from_checkpoint
+    ckpt = load_checkpoint(os.path.join(trained[0], "ckpt.pt"))
+    extra = dict(ckpt, config=dict(ckpt["config"], model=dict(ckpt["config"]["model"], new_key=1)))
+    with pytest.raises(UserError, match="does not fit this code's GPTConfig"):
+        model_from_checkpoint(extra)
+    wide = dict(ckpt, model={k: (torch.zeros(v.size(0) + 1, *v.shape[1:]) if k == "lm_head.weight" else v)
+                             for k, v in ckpt["model"].items()})
+    with pytest.raises(UserError, match="shape does not match"):
+        model_from_checkpoint(wide)
+
+
+def test_a_device_string_that_is_not_one(capsys, tmp_path):
+    code, _, err = train_main(capsys, "--device=cpu:x", f"--out_dir={tmp_path / 'run'}")
+    assert code == 1 and "device='cpu:x' is not one of" in err
