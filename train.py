@@ -179,10 +179,15 @@ def load_probes(tc, meta):
     if not (tc.eval_facts and meta["dataset"] == "facts"):
         return None, None
     import prepare_data
-    facts = json.load(open(os.path.join(tc.data_dir, "facts.json")))
-    print(f"fact recall: {len(facts['probes'])} probes, chance level "
-          f"{sum(facts['chance'].values()) / len(facts['chance']):.3f}")
-    return facts["probes"], prepare_data.load_tokenizer(tc.data_dir)
+    try:
+        facts = json.load(open(os.path.join(tc.data_dir, "facts.json")))
+        probes, chance = list(facts["probes"]), sum(facts["chance"].values()) / len(facts["chance"])
+        enc = prepare_data.load_tokenizer(tc.data_dir)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError):
+        raise UserError(f"{tc.data_dir} is damaged (facts.json or the tokenizer missing or unreadable): prepare it "
+                        f"again with prepare_data.py, or pass --eval_facts=False") from None
+    print(f"fact recall: {len(probes)} probes, chance level {chance:.3f}")
+    return probes, enc
 
 
 def checkpoint(raw_model, tables, optimizer, tc, mc, meta, state, data_rng, device):

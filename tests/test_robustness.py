@@ -133,7 +133,7 @@ def test_divergence_keeps_the_last_good_checkpoint(facts, tmp_path, capsys, monk
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 0
 
 
-@pytest.mark.parametrize("damage", ["meta_not_json", "meta_no_vocab", "bin_cut_short"])
+@pytest.mark.parametrize("damage", ["meta_not_json", "meta_no_vocab", "bin_cut_short", "no_facts", "no_tokenizer"])
 def test_a_damaged_data_folder_is_one_line(facts, tmp_path, capsys, damage):
     d = tmp_path / "data"
     shutil.copytree(facts, d)
@@ -143,9 +143,11 @@ def test_a_damaged_data_folder_is_one_line(facts, tmp_path, capsys, damage):
         meta = json.loads((d / "meta.json").read_text())
         del meta["vocab_size"]
         (d / "meta.json").write_text(json.dumps(meta))
-    else:
+    elif damage == "bin_cut_short":
         with open(d / "train.bin", "ab") as f:
             f.write(b"x")  # an odd byte count: not whole uint16 ids
+    else:
+        os.remove(d / ("facts.json" if damage == "no_facts" else "tokenizer.tiktoken"))
     code, _, err = train_main(capsys, f"--data_dir={d}", f"--out_dir={tmp_path / 'run'}", *TINY)
     assert code == 1 and err.count("\n") == 1 and "is damaged" in err and "prepare it again" in err, err
     assert not (tmp_path / "run").exists()
