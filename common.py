@@ -284,6 +284,10 @@ def save_checkpoint(path, ckpt):
 
 
 def load_checkpoint(path, map_location="cpu"):
+    folder = os.path.dirname(path)
+    if folder and os.path.isfile(folder):
+        raise UserError(f"{folder} is a file: --out_dir names the folder that holds ckpt.pt "
+                        f"(--out_dir={os.path.dirname(folder) or '.'})")
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}: train one first (python train.py --out_dir={os.path.dirname(path) or '.'})")
     try:

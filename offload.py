@@ -133,7 +133,7 @@ class OffloadedTables(Tables):
         self.slots = [Slot(), Slot()]
         self.next_slot, self.queued, self.current, self._last_host = 0, None, None, None
         self.counts = dict(device=0, host=0, written_back=0)  # rows updated where, summed over steps
-        self.cache = RowCache(self, cache_rows) if cache_rows else None
+        self.cache = RowCache(self, min(cache_rows, self.V)) if cache_rows else None  # more slots than rows: pointless
         self.prompt_jobs, self._chunks, self._reading = {}, [], None
 
     def describe(self):

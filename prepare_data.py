@@ -851,7 +851,10 @@ def main(argv=None):
     from common import UserError, die, parse_config
     cfg = PrepareConfig()
     try:
-        parse_config(sys.argv[1:] if argv is None else argv, cfg, doc=__doc__)
+        keys = parse_config(sys.argv[1:] if argv is None else argv, cfg, doc=__doc__)
+        for k in ("out_dir", "tokenizer"):
+            if k in keys and not getattr(cfg, k):
+                raise UserError(f"--{k} is empty: give a value, or leave --{k} out for the default")
         prepare(cfg.dataset, cfg.input, cfg.tokenizer, cfg.out_dir, cfg.seed, cfg.entities, cfg.val_fraction,
                 force=cfg.force)
     except (DataError, UserError) as e:

@@ -50,7 +50,7 @@ class SampleConfig:
     edit_align: str = "left_pad"  # left_pad | copy | average, when Source and Target token counts differ
     eval_facts: bool = False  # print fact recall on the facts probes and exit
     offload: bool = False  # STEM tables stay in host memory; rows are fetched per chunk / per token
-    offload_cache_rows: int = 4096  # GPU rows cache for decoding with --offload (LFU); 0 = none, host reads every step
+    offload_cache_rows: int = 4096  # GPU row cache for decoding with --offload (LFU; at most the vocabulary); 0 = none
     prefill_chunk: Optional[int] = None  # run the prompt in pieces of this many tokens (offload prefetches the next)
 
 

@@ -299,3 +299,9 @@ def test_cuda_stress_staging_reuse_many_steps():
     for k in sd_r:
         assert torch.equal(sd_o[k].cpu(), sd_s[k].cpu()), k
         torch.testing.assert_close(sd_r[k].cpu(), sd_o[k].cpu(), rtol=1e-3, atol=1e-4)
+
+
+def test_row_cache_is_capped_at_the_vocabulary():
+    cfg = tiny_config()
+    eng = OffloadedTables(GPT(cfg), "cpu", train=False, cache_rows=10**9)  # 10^9 slots would not fit in memory
+    assert eng.cache.n == cfg.vocab_size

@@ -93,6 +93,8 @@ def test_input_is_repeatable(tmp_path):
     (["--entities=6000"], ["out of range"]),
     (["--dataset=text", "--input=SRC", "--val_fraction=1.5"], ["--val_fraction 1.5", "between 0 and 1"]),
     (["--dataset=text", "--input=SRC", "--entities=8"], ["--entities only applies to --dataset facts"]),
+    (["--out_dir="], ["--out_dir is empty"]),
+    (["--tokenizer="], ["--tokenizer is empty"]),
 ])
 def test_bad_values_are_one_error_line_and_touch_nothing(tmp_path, args, needles):
     out = tmp_path / "data"

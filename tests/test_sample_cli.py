@@ -129,3 +129,8 @@ def test_tokenizer_prepared_again_is_refused(trained, facts, tmp_path):
     meta["tokenizer_sha256"] = "0" * 64
     json.dump(meta, open(meta_path, "w"))
     assert_user_error(run("sample.py", *args, ok=False), "tokenizer_sha256", "prepared again")
+
+
+def test_out_dir_that_names_the_checkpoint_file(trained):
+    out, _ = trained
+    assert_user_error(run("sample.py", f"--out_dir={out}/ckpt.pt", ok=False), "is a file", f"--out_dir={out}")
