@@ -997,7 +997,7 @@ def stability_run(bc, mc_keys, ffn, mult, seed, lr, min_lr):
     args = [bc.train_preset, f"--data_dir={bc.data_dir}", f"--ffn={ffn}", f"--max_iters={bc.stability_steps}",
             f"--eval_interval={bc.stability_steps}", "--eval_iters=2", f"--log_interval={bc.stability_steps}",
             "--eval_facts=False", f"--learning_rate={lr * mult!r}", f"--min_lr={min_lr * mult!r}", f"--seed={seed}",
-            "--compile=False", f"--out_dir={out}"] + [f"--{k}={v}" for k, v in mc_keys.items()]
+            "--compile=False", "--stop_on_nan=False", f"--out_dir={out}"] + [f"--{k}={v}" for k, v in mc_keys.items()]
     args += [f"--{k}={getattr(bc, k)}" for k in ("device", "dtype") if getattr(bc, k) != "auto"]
     path = os.path.join(out, "ckpt.pt")
     if os.path.isfile(path):

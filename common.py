@@ -195,8 +195,8 @@ def resolve_device(device, dtype):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={device} was asked for but CUDA is not available here; use --device=cpu")
-    kind, _, index = device.partition(":")
-    if kind not in ("cpu", "cuda") or (index and not (kind == "cuda" and index.isdigit())):
+    kind, sep, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (sep and not index.isdigit()):
         raise UserError(f"device={device!r} is not one of auto, cpu, cuda, cuda:N")
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
@@ -224,6 +224,8 @@ def load_meta(data_dir):
             hint = f"python prepare_data.py --dataset=shakespeare --tokenizer=gpt2 --out_dir={data_dir}"
         else:
             hint = f"python prepare_data.py --dataset=text --input=YOUR_TEXT --out_dir={data_dir}"
+        if os.path.isdir(data_dir) and os.listdir(data_dir):
+            hint += " --force"  # files but no meta.json: an interrupted preparation, or someone else's data
         raise UserError(f"no prepared data in {data_dir} (meta.json missing): run `{hint}` first, "
                         f"or point --data_dir at a prepared folder")
     try:
@@ -236,7 +238,7 @@ def load_meta(data_dir):
             assert os.path.getsize(os.path.join(data_dir, f"{split}.bin")) % np.dtype(meta["dtype"]).itemsize == 0
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
         raise UserError(f"{data_dir} is damaged (meta.json unreadable or incomplete, or a .bin file missing or "
-                        f"cut short): prepare it again with prepare_data.py") from None
+                        f"cut short): prepare it again (python prepare_data.py ... --out_dir={data_dir} --force)") from None
     return meta
 
 

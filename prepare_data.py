@@ -658,14 +658,16 @@ def _already_prepared(out_dir, record, force):
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise DataError(f"out_dir {out_dir} is a file, not a folder: choose another --out_dir")
     if not force and not os.path.exists(path) and os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise DataError(f"{out_dir} holds files but no meta.json, so not data this script prepared (or a preparation "
-                        f"that was interrupted): pass --out_dir=OTHER to keep them, or --force to write over them")
+        raise DataError(f"{out_dir} holds files but no meta.json, so not data prepare_data.py made (or a preparation "
+                        f"that was interrupted): prepare into another folder to keep them, or write over them with "
+                        f"`python prepare_data.py ... --out_dir={out_dir} --force`")
     if force or not os.path.exists(path):
         return False
     try:
         with open(path) as f:
             meta = json.load(f)
         old = meta["inputs"]
+        int(meta["vocab_size"]), meta["eot_id"], meta["fingerprint"]  # what the scripts read: damaged without them
     except (OSError, ValueError, TypeError, KeyError):
         meta, old = None, None
     if old == record:

@@ -54,6 +54,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max norm, applied to backbone and tables separately (authors' code)
     table_optimizer: str = "dense"  # "dense": AdamW over whole tables (paper) | "lazy": only batch rows
     eval_facts: bool = True  # fact recall at each evaluation when the data is the facts dataset
+    stop_on_nan: bool = True  # val loss nan/inf: stop, keep the last good checkpoint (False: save it, go on)
     keep_best: bool = False  # also keep out_dir/best.pt, the checkpoint with the lowest validation loss
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda", "cuda:1"
     dtype: str = "auto"  # "auto" (bfloat16 autocast on CUDA, float32 on CPU), "float32", "bfloat16"
@@ -72,14 +73,17 @@ def get_lr(it, tc):
     return tc.min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (tc.learning_rate - tc.min_lr)
 
 
-def check_config(tc, mc):
-    """Every value in range before anything is read, built or written: one error line otherwise."""
+def check_config(tc, mc, resuming_keys_unknown=False):
+    """Every value in range before anything is read, built or written: one error line otherwise.
+    resuming_keys_unknown: a resume before the checkpoint's keys are restored (load_run checks again
+    after), so checks that compare two keys wait."""
     for k in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
         require(getattr(tc, k) >= 1, f"{k}={getattr(tc, k)} must be at least 1")
     require(tc.max_iters >= 0 and tc.warmup_iters >= 0, "max_iters and warmup_iters must be 0 or more")
     require(tc.lr_decay_iters is None or tc.lr_decay_iters >= 1, "lr_decay_iters must be None or at least 1")
     require(tc.learning_rate > 0, f"learning_rate={tc.learning_rate} must be positive")
-    require(0 <= tc.min_lr <= tc.learning_rate, f"min_lr={tc.min_lr} must be in [0, learning_rate]")
+    require(0 <= tc.min_lr and (resuming_keys_unknown or tc.min_lr <= tc.learning_rate),
+            f"min_lr={tc.min_lr} must be in [0, learning_rate={tc.learning_rate}]")
     require(tc.weight_decay >= 0, f"weight_decay={tc.weight_decay} must be 0 or more")
     require(tc.grad_clip > 0, f"grad_clip={tc.grad_clip} must be positive (a large value such as 1e9 turns clipping off)")
     require(tc.init_from in ("scratch", "resume"), f"init_from={tc.init_from!r} is not one of scratch, resume")
@@ -305,7 +309,7 @@ def train(tc, mc, keys_set, argv):
         if improved:
             state.update(best_val_loss=losses["val"], best_iter=state["iter"])
         state["last_val_loss"] = losses["val"]
-        if not math.isfinite(losses["val"]):  # diverged: keep the last good checkpoint
+        if tc.stop_on_nan and not math.isfinite(losses["val"]):  # diverged: keep the last good checkpoint
             raise UserError(f"training diverged at step {state['iter']} (val loss {losses['val']}): "
                             + (f"{paths['ckpt']} keeps step {saved[0]}" if saved[0] is not None else "no checkpoint written")
                             + "; lower --learning_rate or raise --warmup_iters")
@@ -364,8 +368,9 @@ def train(tc, mc, keys_set, argv):
                 evaluate_and_save()
                 progress.t_last = time.time()  # evaluation time is not step time
     except KeyboardInterrupt:
-        # a resume takes the training keys from the checkpoint: name the folder and where it runs
-        args = [f"--{k}={getattr(tc, k)}" for k in MACHINE_KEYS[1:] if k in keys_set or k == "out_dir"]
+        # a resume takes the keys it is not given from the checkpoint: repeat the folder and what this run was given
+        given = ["out_dir"] + sorted(keys_set - {"out_dir", "init_from"})
+        args = [f"--{k}={getattr(tc if hasattr(tc, k) else mc, k)}" for k in given]
         log(f"\ninterrupted at step {state['iter']}: " + (f"{paths['ckpt']} holds step {saved[0]}; continue with: "
             f"python train.py {' '.join(shlex.quote(a) for a in args + ['--init_from=resume'])}"
             if saved[0] is not None else "no checkpoint was written"))
@@ -390,7 +395,7 @@ def main(argv=None):
     tc, mc = TrainConfig(), GPTConfig()
     try:
         keys_set = parse_config(argv, mc, tc, doc=__doc__)
-        check_config(tc, mc)
+        check_config(tc, mc, resuming_keys_unknown=tc.init_from == "resume")
         master = int(os.environ.get("RANK", 0)) == 0
         created = master and not os.path.exists(tc.out_dir)
         try:

@@ -148,7 +148,7 @@ def test_refuses_a_folder_it_did_not_prepare_unless_force(tmp_path):
         (out / name).write_bytes(b"precious")
     before = snapshot(out)
     p = run("prepare_data.py", "--entities=8", f"--out_dir={out}", ok=False)
-    assert_user_error(p, "holds files but no meta.json", "--out_dir=OTHER", "--force")
+    assert_user_error(p, "holds files but no meta.json", "another folder", f"--out_dir={out} --force")
     assert snapshot(out) == before
     run("prepare_data.py", "--entities=8", f"--out_dir={out}", "--force")
     assert (out / "meta.json").exists() and (out / "meta.pkl").read_bytes() == b"precious"

@@ -95,6 +95,17 @@ def test_resume_takes_the_checkpoints_training_keys(trained, tmp_path):
     assert [r["tokens"] for r in rows if r["kind"] == "train"][-1] == 8 * 4 * 32  # batch 4 all along
 
 
+def test_resume_with_a_lower_learning_rate(facts, tmp_path):
+    """The cross-key check (min_lr <= learning_rate) uses the checkpoint's min_lr, not the default 3e-4."""
+    out = str(tmp_path / "run")
+    run("train.py", f"--data_dir={facts}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2",
+        "--learning_rate=1e-4", "--min_lr=1e-5", *[a for a in TINY if not a.startswith("--learning_rate")])
+    p = run("train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=3", "--learning_rate=5e-5")
+    assert "learning_rate 0.0001 -> 5e-05" in p.stdout
+    p = run("train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=4", "--learning_rate=5e-6", ok=False)
+    assert_user_error(p, "min_lr=1e-05 must be in [0, learning_rate=5e-06]")
+
+
 def test_resume_refuses_another_weight_decay(trained, tmp_path):
     out = str(tmp_path / "run")
     shutil.copytree(trained[0], out)
@@ -131,6 +142,11 @@ def test_divergence_keeps_the_last_good_checkpoint(facts, tmp_path, capsys, monk
                               "--eval_facts=False", *TINY)
     assert code == 1 and err.startswith("error: training diverged at step 2") and "keeps step 0" in err, err
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 0
+    calls.clear()  # --stop_on_nan=False (bench's stability runs): saved, and the run goes on
+    out = tmp_path / "run2"
+    train.main([f"--data_dir={facts}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=2",
+                "--eval_facts=False", "--stop_on_nan=False", *TINY])
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 4
 
 
 @pytest.mark.parametrize("damage", ["meta_not_json", "meta_no_vocab", "bin_cut_short", "no_facts", "no_tokenizer"])
@@ -257,8 +273,9 @@ def test_ctrl_c_leaves_a_whole_checkpoint_and_the_resume_command(facts, tmp_path
     step = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["iter"]
     assert step >= 4 and not [f for f in os.listdir(out) if f.endswith(".tmp") or f == "train.lock"]
     last = rest.strip().splitlines()[-1]
-    assert f"{out}/ckpt.pt holds step {step}; continue with: python train.py" in last and last.endswith(
+    assert f"{out}/ckpt.pt holds step {step}; continue with: python train.py --out_dir={out}" in last and last.endswith(
         "--init_from=resume")
+    assert f"--data_dir={facts}" in last and "--max_iters=100000" in last  # what this run was given, repeated
 
 
 # ---- bench.py: values checked, plots where the user points, checkpoints checked against their data
