@@ -249,7 +249,7 @@ class Batches:
 
     def __init__(self, data_dir, meta, block_size, batch_size, device, seed):
         self.paths = {s: os.path.join(data_dir, f"{s}.bin") for s in ("train", "val")}
-        self.dtype = np.dtype(meta["dtype"])
+        self.dtype, self.vocab_size = np.dtype(meta["dtype"]), meta["vocab_size"]
         self.block_size, self.batch_size, self.device = block_size, batch_size, device
         for split, path in self.paths.items():
             n = os.path.getsize(path) // self.dtype.itemsize if os.path.exists(path) else 0
@@ -264,6 +264,9 @@ class Batches:
         ix = torch.randint(len(data) - self.block_size - 1, (self.batch_size,), generator=gen or self.gen)
         x = torch.stack([torch.from_numpy(data[i:i + self.block_size].astype(np.int64)) for i in ix.tolist()])
         y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + self.block_size].astype(np.int64)) for i in ix.tolist()])
+        if int(y.max()) >= self.vocab_size or int(x[:, 0].max()) >= self.vocab_size:  # x is y shifted, but its first
+            raise UserError(f"{self.paths[split]} holds token id {max(int(x.max()), int(y.max()))}, not below the "
+                            f"vocabulary of {self.vocab_size}: the data folder is damaged; prepare it again")
         if not to_device:
             return x, y
         return self.to_device(x, y)

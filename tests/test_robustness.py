@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -348,3 +349,13 @@ def test_a_checkpoint_of_another_code_version_is_one_line(trained):
 def test_a_device_string_that_is_not_one(capsys, tmp_path):
     code, _, err = train_main(capsys, "--device=cpu:x", f"--out_dir={tmp_path / 'run'}")
     assert code == 1 and "device='cpu:x' is not one of" in err
+
+
+def test_token_ids_outside_the_vocabulary_are_one_line(facts, tmp_path, capsys):
+    d = tmp_path / "data"
+    shutil.copytree(facts, d)
+    ids = np.fromfile(d / "train.bin", dtype=np.uint16)
+    ids[:] = json.loads((d / "meta.json").read_text())["vocab_size"] + 5  # as if written with another tokenizer
+    ids.tofile(d / "train.bin")
+    code, _, err = train_main(capsys, f"--data_dir={d}", f"--out_dir={tmp_path / 'run'}", "--max_iters=2", *TINY)
+    assert code == 1 and err.count("\n") == 1 and "not below the vocabulary" in err, err
