@@ -194,7 +194,7 @@ def load_probes(tc, meta):
     return probes, enc
 
 
-def checkpoint(raw_model, tables, optimizer, tc, mc, meta, state, data_rng, device):
+def checkpoint(raw_model, tables, optimizer, tc, mc, meta, state, data_rng, device, data_rngs=None):
     """Everything a resume needs, with the same keys whether the tables were resident or offloaded."""
     return {
         "model": tables.state_dict(raw_model),
@@ -202,7 +202,7 @@ def checkpoint(raw_model, tables, optimizer, tc, mc, meta, state, data_rng, devi
         "config": {"model": dataclasses.asdict(mc), "train": dataclasses.asdict(tc)},
         "data": provenance(meta, tc.data_dir),  # what it was trained on: sample.py, bench.py and a resume check it
         **state,  # iter, tokens, best_val_loss, best_iter, last_val_loss
-        "rng": {"torch": torch.get_rng_state(), "data": data_rng,
+        "rng": {"torch": torch.get_rng_state(), "data": data_rng, "data_ranks": data_rngs,  # DDP: every rank's
                 "cuda": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None},
     }
 
@@ -266,7 +266,15 @@ def train(tc, mc, keys_set, argv):
     batches = Batches(tc.data_dir, meta, mc.block_size, tc.batch_size, device, tc.seed + rank)
     raw_model, tables, optimizer, state, accounting = build(tc, mc, ckpt, device, ddp, keys_set)
     if ckpt:
-        batches.gen.set_state(ckpt["rng"]["data"])
+        ranks = ckpt["rng"].get("data_ranks") or [ckpt["rng"]["data"]]  # one per process that trained it
+        if len(ranks) == world:
+            batches.gen.set_state(ranks[rank])  # each rank continues its own draws: the same run
+        else:  # another number of processes: rank 0 continues, the others draw anew (distinct per rank)
+            batches.gen.set_state(ranks[0])
+            if rank:
+                batches.gen.manual_seed(tc.seed + rank + 7919 * state["iter"])
+            log(f"note: the checkpoint was trained by {len(ranks)} process(es), this run has {world}: "
+                f"the data order is not the one an uninterrupted run would have seen")
         ckpt = None  # free memory
         if state["iter"] >= tc.max_iters:
             log(f"note: the checkpoint is at step {state['iter']} and max_iters is {tc.max_iters}: nothing to train "
@@ -313,7 +321,8 @@ def train(tc, mc, keys_set, argv):
             raise UserError(f"training diverged at step {state['iter']} (val loss {losses['val']}): "
                             + (f"{paths['ckpt']} keeps step {saved[0]}" if saved[0] is not None else "no checkpoint written")
                             + "; lower --learning_rate or raise --warmup_iters")
-        save_checkpoint(paths["ckpt"], checkpoint(raw_model, tables, optimizer, tc, mc, meta, state, data_rng, device))
+        save_checkpoint(paths["ckpt"], checkpoint(raw_model, tables, optimizer, tc, mc, meta, state, data_rng, device,
+                                                  data_rngs[0]))
         saved[0] = state["iter"]
         if tc.keep_best and improved:
             shutil.copyfile(paths["ckpt"], paths["best"] + ".tmp")
@@ -322,6 +331,12 @@ def train(tc, mc, keys_set, argv):
 
     data_rng = batches.gen.get_state()  # the data generator's state after the current step's draws
     saved = [state["iter"] if state["iter"] else None]  # the step ckpt.pt holds
+    data_rngs = [None]  # under DDP, every rank's data_rng, gathered at each checkpoint
+
+    def gather_data_rngs():  # called by every rank at a checkpoint step
+        if ddp:
+            data_rngs[0] = [None] * world
+            torch.distributed.all_gather_object(data_rngs[0], data_rng)
 
     def draw():  # one step's micro-batches, on the CPU, in the same order whatever the placement
         return [batches.get("train", to_device=False) for _ in range(tc.grad_accum)]
@@ -334,8 +349,10 @@ def train(tc, mc, keys_set, argv):
     # ---- the loop
     params = [p for g in optimizer.param_groups for p in g["params"]]
     try:
-        if state["iter"] == 0 and master:
-            evaluate_and_save()
+        if state["iter"] == 0:
+            gather_data_rngs()
+            if master:
+                evaluate_and_save()
         while state["iter"] < tc.max_iters:
             lr = get_lr(state["iter"], tc)
             for g in optimizer.param_groups:
@@ -362,6 +379,8 @@ def train(tc, mc, keys_set, argv):
             it = state["iter"]
             progress.step(it, lr, state["tokens"], loss, gnorm, tnorm)  # no device read here: the GPU runs ahead
             evaluating = (it % tc.eval_interval == 0 or it == tc.max_iters) and master
+            if it % tc.eval_interval == 0 or it == tc.max_iters:
+                gather_data_rngs()
             if it % tc.log_interval == 0 or it == 1 or evaluating:
                 progress.flush()
             if evaluating:

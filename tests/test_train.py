@@ -66,15 +66,30 @@ def test_resume_is_exact(facts, tmp_path, table_optimizer):
         assert torch.equal(ta[i]["exp_avg_sq"], tb[i]["exp_avg_sq"])
 
 
-def test_ddp_two_cpu_processes_gloo(facts, tmp_path):
-    out = str(tmp_path / "ddp")
+def _torchrun(*args):
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(ROOT, "train.py"), f"--data_dir={facts}", f"--out_dir={out}", "--max_iters=4",
-                        "--eval_interval=4", "--table_optimizer=lazy", "--device=cpu", *TINY],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+                        os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def test_ddp_two_cpu_processes_gloo_and_exact_resume(facts, tmp_path):
+    """Two gloo processes, lazy tables: the ranks agree; and 4 steps then a resume to 6 equal 6 steps
+    straight (each rank continues its own data order: the checkpoint holds every rank's)."""
+    common = [f"--data_dir={facts}", "--eval_interval=4", "--lr_decay_iters=6", "--table_optimizer=lazy", "--device=cpu",
+              "--eval_facts=False", *TINY]
+    out, straight = str(tmp_path / "ddp"), str(tmp_path / "straight")
+    p = _torchrun(f"--out_dir={out}", "--max_iters=4", *common)
     assert "DDP over 2 processes" in p.stdout and "parameter checksums across ranks agree" in p.stdout
-    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["iter"] == 4
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["iter"] == 4 and len(ckpt["rng"]["data_ranks"]) == 2
+    assert not torch.equal(*ckpt["rng"]["data_ranks"])  # the ranks draw different batches
+    _torchrun(f"--out_dir={out}", "--init_from=resume", "--max_iters=6")
+    _torchrun(f"--out_dir={straight}", "--max_iters=6", *common)
+    a, b = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (out, straight))
+    assert a["iter"] == b["iter"] == 6
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
 
 
 # ---- bad inputs: one line, exit 1, nothing overwritten ------------------------------------------
