@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from model import GPT, GPTConfig, STEM, SwiGLU, configure_optimizer
 from tables import ResidentTables
 from common import (Batches, UserError, check_model_config, die, edit_probes, fact_recall, load_checkpoint, load_meta,
-                    parse_config, require, resolve_device)
+                    parse_config, prepare_facts, require, resolve_device)
 
 MODES = ("ffn", "train", "offload", "decode", "quality", "spread", "stability", "context", "locality")
 # dense bf16 peak of known GPUs (FLOP/s), for MFU; others: pass --peak_flops
@@ -647,10 +647,11 @@ def bench_quality(bc):
         path = os.path.join(bc.runs, name, "metrics.jsonl")
         if not os.path.isfile(path) or "-s" not in name:
             continue
-        if not os.path.isfile(os.path.join(bc.runs, name, "ckpt.pt")):
+        ckpt_path = os.path.join(bc.runs, name, "ckpt.pt")
+        if not os.path.isfile(ckpt_path):
             print(f"# skipping {name}: unfinished (no checkpoint yet)")
             continue
-        ckpt = load_checkpoint(os.path.join(bc.runs, name, "ckpt.pt"))
+        ckpt = load_checkpoint(ckpt_path)
         if ckpt["iter"] != ckpt["config"]["train"]["max_iters"]:
             print(f"# skipping {name}: unfinished ({ckpt['iter']} of {ckpt['config']['train']['max_iters']} steps)")
             continue
@@ -1356,11 +1357,7 @@ def main(argv):
             if not os.path.isfile(os.path.join(bc.data_dir, "meta.json")):
                 if bc.data_dir != BenchConfig.data_dir:
                     load_meta(bc.data_dir)  # raises the usual hint
-                import prepare_data
-                try:
-                    prepare_data.prepare(dataset="facts", out_dir=bc.data_dir, progress=False)
-                except prepare_data.DataError as e:
-                    raise UserError(str(e)) from None
+                prepare_facts(bc.data_dir, progress=False)
             mc.vocab_size = load_meta(bc.data_dir)["vocab_size"]
         header(bc, mc if bc.mode != "ffn" and not (bc.mode == "decode" and bc.ckpt) else None, device, dtype, note)
         if bc.mode == "ffn":

@@ -212,6 +212,20 @@ def resolve_device(device, dtype):
     return device, dtype, ctx, note
 
 
+def reprepare(data_dir):
+    """The fix for a damaged data folder: prepare_data.py's same inputs would find it "already prepared"."""
+    return f"prepare it again (python prepare_data.py ... --out_dir={data_dir} --force)"
+
+
+def prepare_facts(data_dir, **kw):
+    """Make the facts data on first use (train.py's and bench.py's default data), one error line if it fails."""
+    import prepare_data  # imported here: prepare_data is only needed when the data is missing
+    try:
+        prepare_data.prepare(dataset="facts", out_dir=data_dir, **kw)
+    except prepare_data.DataError as e:
+        raise UserError(str(e)) from None
+
+
 def load_meta(data_dir):
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(path):
@@ -233,12 +247,13 @@ def load_meta(data_dir):
             meta = json.load(f)
         assert isinstance(meta, dict)
         assert isinstance(meta["vocab_size"], int) and meta["vocab_size"] >= 1
-        assert np.dtype(meta["dtype"]) in (np.dtype(np.uint16), np.dtype(np.uint32))
+        dtype = np.dtype(meta["dtype"])
+        assert dtype in (np.dtype(np.uint16), np.dtype(np.uint32))
         for split in ("train", "val"):
-            assert os.path.getsize(os.path.join(data_dir, f"{split}.bin")) % np.dtype(meta["dtype"]).itemsize == 0
+            assert os.path.getsize(os.path.join(data_dir, f"{split}.bin")) % dtype.itemsize == 0
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
         raise UserError(f"{data_dir} is damaged (meta.json unreadable or incomplete, or a .bin file missing or "
-                        f"cut short): prepare it again (python prepare_data.py ... --out_dir={data_dir} --force)") from None
+                        f"cut short): {reprepare(data_dir)}") from None
     return meta
 
 
@@ -248,7 +263,7 @@ class Batches:
     same batches as an uninterrupted one."""
 
     def __init__(self, data_dir, meta, block_size, batch_size, device, seed):
-        self.paths = {s: os.path.join(data_dir, f"{s}.bin") for s in ("train", "val")}
+        self.data_dir, self.paths = data_dir, {s: os.path.join(data_dir, f"{s}.bin") for s in ("train", "val")}
         self.dtype, self.vocab_size = np.dtype(meta["dtype"]), meta["vocab_size"]
         self.block_size, self.batch_size, self.device = block_size, batch_size, device
         for split, path in self.paths.items():
@@ -264,9 +279,10 @@ class Batches:
         ix = torch.randint(len(data) - self.block_size - 1, (self.batch_size,), generator=gen or self.gen)
         x = torch.stack([torch.from_numpy(data[i:i + self.block_size].astype(np.int64)) for i in ix.tolist()])
         y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + self.block_size].astype(np.int64)) for i in ix.tolist()])
-        if int(y.max()) >= self.vocab_size or int(x[:, 0].max()) >= self.vocab_size:  # x is y shifted, but its first
-            raise UserError(f"{self.paths[split]} holds token id {max(int(x.max()), int(y.max()))}, not below the "
-                            f"vocabulary of {self.vocab_size}: the data folder is damaged; prepare it again")
+        top = max(int(y.max()), int(x[:, 0].max()))  # x[:, 1:] is y[:, :-1]
+        if top >= self.vocab_size:
+            raise UserError(f"{self.paths[split]} holds token id {top}, not below the vocabulary of "
+                            f"{self.vocab_size}: the data folder is damaged; {reprepare(self.data_dir)}")
         if not to_device:
             return x, y
         return self.to_device(x, y)

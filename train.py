@@ -29,8 +29,8 @@ import torch
 
 from common import (Batches, RunLock, UserError, check_model_config, check_provenance, check_same_architecture, clock,
                     die, evaluate, fact_recall, load_checkpoint, load_meta, model_from_checkpoint, parse_config,
-                    plot_losses, print_accounting, print_config, provenance, ranks_agree, require, resolve_device,
-                    save_checkpoint, truncate_jsonl)
+                    plot_losses, prepare_facts, print_accounting, print_config, provenance, ranks_agree, reprepare,
+                    require, resolve_device, save_checkpoint, truncate_jsonl)
 from model import GPT, GPTConfig, configure_optimizer
 from tables import ResidentTables
 
@@ -122,11 +122,7 @@ def load_run(tc, mc, keys_set, ddp):
             print(f"note: resuming with changed training keys: {', '.join(changed)}")
     if not os.path.isfile(os.path.join(tc.data_dir, "meta.json")) and tc.data_dir == TrainConfig.data_dir and not ddp:
         print(f"{tc.data_dir} not found: preparing the facts dataset (python prepare_data.py)")
-        import prepare_data
-        try:
-            prepare_data.prepare(dataset="facts", out_dir=tc.data_dir)
-        except prepare_data.DataError as e:
-            raise UserError(str(e)) from None
+        prepare_facts(tc.data_dir)
     meta = load_meta(tc.data_dir)
     if "vocab_size" not in keys_set:
         mc.vocab_size = meta["vocab_size"]
@@ -188,8 +184,8 @@ def load_probes(tc, meta):
         probes, chance = list(facts["probes"]), sum(facts["chance"].values()) / len(facts["chance"])
         enc = prepare_data.load_tokenizer(tc.data_dir)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError):
-        raise UserError(f"{tc.data_dir} is damaged (facts.json or the tokenizer missing or unreadable): prepare it "
-                        f"again with prepare_data.py, or pass --eval_facts=False") from None
+        raise UserError(f"{tc.data_dir} is damaged (facts.json or the tokenizer missing or unreadable): "
+                        f"{reprepare(tc.data_dir)}, or pass --eval_facts=False") from None
     print(f"fact recall: {len(probes)} probes, chance level {chance:.3f}")
     return probes, enc
 
@@ -255,7 +251,7 @@ class Progress:
         self.steps, self.t_last = [], time.time()
 
 
-def train(tc, mc, keys_set, argv):
+def train(tc, mc, keys_set):
     # ---- processes, device, data, model, tables, optimizers
     ddp, rank, world = start_processes(tc)
     master = rank == 0
@@ -378,9 +374,10 @@ def train(tc, mc, keys_set, argv):
             state["tokens"] += tokens_per_step
             it = state["iter"]
             progress.step(it, lr, state["tokens"], loss, gnorm, tnorm)  # no device read here: the GPU runs ahead
-            evaluating = (it % tc.eval_interval == 0 or it == tc.max_iters) and master
-            if it % tc.eval_interval == 0 or it == tc.max_iters:
+            at_checkpoint = it % tc.eval_interval == 0 or it == tc.max_iters
+            if at_checkpoint:
                 gather_data_rngs()
+            evaluating = at_checkpoint and master
             if it % tc.log_interval == 0 or it == 1 or evaluating:
                 progress.flush()
             if evaluating:
@@ -423,7 +420,7 @@ def main(argv=None):
             raise UserError(f"cannot create out_dir {tc.out_dir}: {e.strerror}; choose another --out_dir") from None
         try:
             with RunLock(tc.out_dir) if master else nullcontext():  # a second run into this out_dir refuses
-                train(tc, mc, keys_set, argv)
+                train(tc, mc, keys_set)
         except UserError:
             if created and not os.listdir(tc.out_dir):
                 os.rmdir(tc.out_dir)  # refused before writing anything: leave no empty folder behind
