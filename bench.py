@@ -38,10 +38,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import offload
+from common import (Batches, check_model_config, edit_probes, fact_recall, load_checkpoint, load_meta, prepare_facts,
+                    resolve_device)
+from configurator import UserError, die, parse_config, read_preset, require
 from model import GPT, GPTConfig, STEM, SwiGLU, configure_optimizer
 from tables import ResidentTables
-from common import (Batches, UserError, check_model_config, die, edit_probes, fact_recall, load_checkpoint, load_meta,
-                    parse_config, prepare_facts, require, resolve_device)
+from tokenizer import load_tokenizer
 
 MODES = ("ffn", "train", "offload", "decode", "quality", "spread", "stability", "context", "locality")
 # dense bf16 peak of known GPUs (FLOP/s), for MFU; others: pass --peak_flops
@@ -243,7 +246,6 @@ def trainer(variant, bc, mc, device, ctx):
     model = GPT(mc)
     flops = 3 * model.flops_per_token()
     if offloaded:
-        import offload
         tables = offload.OffloadedTables(model, device)
     else:
         tables = ResidentTables(model, device, table_optimizer)
@@ -557,7 +559,6 @@ def bench_offload(bc, mc, device, argv):
 
 
 def bench_decode(bc, mc, device, ctx, keys_set=frozenset()):
-    import offload
     from common import check_provenance, load_checkpoint, model_from_checkpoint
     torch.manual_seed(0)
     if bc.ckpt:
@@ -661,8 +662,7 @@ def bench_quality(bc):
         edit = None
         facts_path = os.path.join(ckpt["config"]["train"]["data_dir"], "facts.json")
         if m.stem_layers and os.path.isfile(facts_path):  # knowledge editing by row swaps, 100 entity pairs
-            import prepare_data
-            enc = prepare_data.load_tokenizer(ckpt["config"]["train"]["data_dir"])
+            enc = load_tokenizer(ckpt["config"]["train"]["data_dir"])
             edit = fact_recall(m, enc, edit_probes(json.load(open(facts_path)), enc), "cpu")["recall"]
         rows = [json.loads(line) for line in open(path)]
         ev = [r for r in rows if r["kind"] == "eval"]
@@ -980,17 +980,6 @@ def bench_spread(bc, device, ctx):
 STABILITY_FFNS = ("swiglu", "stem", "hash_moe")
 
 
-def read_preset(path):
-    """A preset's plain assignments as a dict (common.parse_config applies them to train.py's configs,
-    which bench.py does not import)."""
-    import ast
-    out = {}
-    for node in ast.parse(open(path).read()).body:
-        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
-            out[node.targets[0].id] = ast.literal_eval(node.value)
-    return out
-
-
 def stability_run(bc, mc_keys, ffn, mult, seed, lr, min_lr):
     """One short train.py run in stability_dir (kept: a finished run is reused, an unfinished one
     resumed); returns its per-step training losses."""
@@ -1031,7 +1020,7 @@ def stability_run(bc, mc_keys, ffn, mult, seed, lr, min_lr):
 def bench_stability(bc, mc, keys_set):
     require(os.path.isfile(bc.train_preset), f"train_preset={bc.train_preset}: no such file")
     load_meta(bc.data_dir)  # the usual hint when the data is missing
-    preset = read_preset(bc.train_preset)
+    preset = dict(read_preset(bc.train_preset))
     require("learning_rate" in preset, f"{bc.train_preset} sets no learning_rate: the stability runs scale it")
     lr, min_lr = preset["learning_rate"], preset.get("min_lr", preset["learning_rate"] / 10)
     mc_keys = {k: getattr(mc, k) for k in sorted(keys_set) if k in GPTConfig.__dataclass_fields__
@@ -1179,12 +1168,11 @@ def greedy(model, ids, steps, device, stem_ids=None):
 def bench_locality(bc, device, ctx):
     import random
     import re
-    import prepare_data
     model, ckpt, data_dir, meta = load_model(bc.ckpt, device)
     require(model.stem_layers, f"{bc.ckpt} has no table layers (ffn={model.cfg.ffn}): --ckpt must be a STEM checkpoint")
     facts_path = os.path.join(data_dir, "facts.json")
     require(os.path.isfile(facts_path), f"{data_dir} is not a facts dataset (no facts.json): --mode locality needs one")
-    facts, enc = json.load(open(facts_path)), prepare_data.load_tokenizer(data_dir)
+    facts, enc = json.load(open(facts_path)), load_tokenizer(data_dir)
     recall = fact_recall(model, enc, facts["probes"], device, ctx)["recall"]
     probes = edit_probes(facts, enc)
     edit = fact_recall(model, enc, probes, device, ctx)["recall"]
@@ -1338,7 +1326,7 @@ def main(argv):
             res = bench_spread(bc, device, ctx)
         elif bc.mode == "stability":
             if "data_dir" not in keys_set:  # the preset's data
-                bc.data_dir = read_preset(bc.train_preset).get("data_dir", bc.data_dir)
+                bc.data_dir = dict(read_preset(bc.train_preset)).get("data_dir", bc.data_dir)
             res = bench_stability(bc, mc, keys_set)
         elif bc.mode == "context":
             res = bench_context(bc, device, ctx, keys_set)

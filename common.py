@@ -4,150 +4,22 @@ decision, the data batches, checkpoints, evaluation (loss, fact recall, edit pro
 accounting printout. train.py, sample.py and bench.py import from here; model.py does not.
 """
 
-import ast
-import dataclasses
-import inspect
 import json
-import math
 import os
 import random
 import socket
-import sys
 import time
-import typing
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 
+import prepare_data
+from configurator import UserError, require
 from model import GPT, GPTConfig, parse_stem_layers
 
 # -----------------------------------------------------------------------------
-# config: dataclasses + type-checked --key=value overrides (one mechanism for every script)
-
-
-class UserError(Exception):
-    """Bad input: reported as one line, exit code 1, no traceback."""
-
-
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
-
-
-def _coerce(key, value, typ, from_cli):
-    """Convert a command-line string (or check a preset literal) against a dataclass field type."""
-    if typing.get_origin(typ) is typing.Union:  # Optional[X]
-        if value is None or (from_cli and value == "None"):
-            return None
-        typ = next(t for t in typing.get_args(typ) if t is not type(None))
-    if from_cli:
-        try:
-            if typ is bool:
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                return value.lower() in ("true", "1")
-            value = typ(value) if typ in (int, float) else value
-        except ValueError:
-            raise UserError(f"--{key}={value} is not a valid {typ.__name__}") from None
-    if typ is float and type(value) is int:
-        value = float(value)
-    if type(value) is not typ:
-        raise UserError(f"{key} = {value!r} is not a {typ.__name__}")
-    if typ is float and not math.isfinite(value):
-        raise UserError(f"{key}={value} is not a finite number")
-    return value
-
-
-def config_help(*configs):
-    """Every key with its type, default and the comment beside it in the dataclass source."""
-    lines = []
-    for c in configs:
-        comments = {}
-        for line in inspect.getsource(type(c)).splitlines():
-            name, _, rest = line.strip().partition(":")
-            if rest and "#" in rest and name.isidentifier():
-                comments[name] = rest.split("#", 1)[1].strip()
-        lines.append(f"{type(c).__name__}:")
-        for f in dataclasses.fields(c):
-            typ = getattr(f.type, "__name__", str(f.type).replace("typing.", ""))
-            lines.append(f"  --{f.name}={getattr(c, f.name)!r}".ljust(34) + f" ({typ}) {comments.get(f.name, '')}".rstrip())
-    return "\n".join(lines)
-
-
-def parse_config(argv, *configs, doc=None):
-    """Apply an optional preset file (first argument; plain assignments such as `n_layer = 6`) and
-    --key=value / --key value / --flag arguments to the dataclass instances, in place. List fields
-    are repeatable. -h / --help prints doc (the script's docstring) and the keys, then exits 0.
-    Returns the set of keys that were set."""
-    if "-h" in argv or "--help" in argv:
-        print((doc.strip() + "\n\n" if doc else "") + "Options (--key=value; a preset file of key = value lines may come first):")
-        print(config_help(*configs))
-        sys.exit(0)
-    fields = {}
-    for c in configs:
-        for f in dataclasses.fields(c):
-            fields[f.name] = (c, f)
-    items, args = [], list(argv)
-    if args and not args[0].startswith("--"):
-        path = args.pop(0)
-        if not os.path.isfile(path):
-            raise UserError(f"preset file {path} not found (a preset is a .py file of plain assignments "
-                            f"such as presets/shakespeare.py; options are written --key=value)")
-        if not path.endswith(".py"):
-            raise UserError(f"{path} is not a preset: a preset is a .py file of plain assignments such as "
-                            f"presets/shakespeare.py; options are written --key=value")
-        try:
-            body = ast.parse(open(path).read()).body
-        except (SyntaxError, UnicodeDecodeError) as e:
-            raise UserError(f"{path} is not a preset (a .py file of plain assignments): {type(e).__name__}") from None
-        for node in body:
-            try:
-                assert isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
-                items.append((node.targets[0].id, ast.literal_eval(node.value), False))
-            except (AssertionError, ValueError):
-                raise UserError(f"{path}:{node.lineno}: a preset may only hold assignments of literals, "
-                                f"such as n_layer = 6") from None
-    while args:
-        a = args.pop(0)
-        if not a.startswith("--"):
-            raise UserError(f"unexpected argument {a!r}: use --key=value")
-        key, eq, value = a[2:].partition("=")
-        if key in fields and not eq:  # --key value, or a bare --flag for booleans
-            if fields[key][1].type is bool and (not args or args[0].startswith("--")):
-                value = "True"
-            elif args and not args[0].startswith("--"):
-                value = args.pop(0)
-            else:
-                raise UserError(f"--{key} needs a value: --{key}=VALUE")
-        items.append((key, value, True))
-    seen = set()
-    for key, value, from_cli in items:
-        if key not in fields:
-            raise UserError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(fields))}")
-        obj, f = fields[key]
-        if f.type is list:  # repeatable: --key a --key b, or in a preset key = "a" or key = ["a", "b"]
-            values = value if isinstance(value, (list, tuple)) and not from_cli else [value]
-            if not all(isinstance(v, str) for v in values):
-                raise UserError(f"{key} = {value!r} is not a string or a list of strings")
-            getattr(obj, key).extend(values)
-        else:
-            setattr(obj, key, _coerce(key, value, f.type, from_cli))
-        seen.add(key)
-    return seen
-
-
-def print_config(*configs):
-    for c in configs:
-        print(f"{type(c).__name__}:")
-        for k, v in dataclasses.asdict(c).items():
-            print(f"  {k} = {v!r}")
-
-
-def require(ok, msg):
-    """Config validation: one clear line when a value is out of range."""
-    if not ok:
-        raise UserError(msg)
+# config checks
 
 
 def check_model_config(mc):
@@ -219,11 +91,7 @@ def reprepare(data_dir):
 
 def prepare_facts(data_dir, **kw):
     """Make the facts data on first use (train.py's and bench.py's default data), one error line if it fails."""
-    import prepare_data  # imported here: prepare_data is only needed when the data is missing
-    try:
-        prepare_data.prepare(dataset="facts", out_dir=data_dir, **kw)
-    except prepare_data.DataError as e:
-        raise UserError(str(e)) from None
+    prepare_data.prepare(dataset="facts", out_dir=data_dir, **kw)
 
 
 def load_meta(data_dir):

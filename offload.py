@@ -67,11 +67,8 @@ from typing import Any, Optional
 
 import torch
 
+from configurator import UserError
 from tables import RowAdamW, Tables, _single_thread, adamw_, clip_joint_norm_, to_device, unique_ids
-
-
-class OffloadError(ValueError):
-    pass
 
 
 @dataclass
@@ -106,11 +103,11 @@ class OffloadedTables(Tables):
                  eps=1e-8, cache_rows=0, threads=None):
         ffns = model.stem_ffns()
         if not ffns:
-            raise OffloadError(f"offload needs STEM tables, and this model has none (ffn={model.cfg.ffn}): drop --offload")
+            raise UserError(f"offload needs STEM tables, and this model has none (ffn={model.cfg.ffn}): drop --offload")
         if train and optimizer != "lazy":
-            raise OffloadError("offload trains only with the lazy table optimizer: --table_optimizer=lazy")
+            raise UserError("offload trains only with the lazy table optimizer: --table_optimizer=lazy")
         if train and cache_rows:
-            raise OffloadError("the decode row cache is for inference: it is never refreshed after a training "
+            raise UserError("the decode row cache is for inference: it is never refreshed after a training "
                                "update, so it cannot be used while training")
         super().__init__(model, optimizer, weight_decay, betas, eps)
         self.V, self.h = ffns[0].table.shape
@@ -212,7 +209,7 @@ class OffloadedTables(Tables):
         """Queue the rows of the step whose micro-batches are xs (list of (B, T) CPU id tensors):
         one step ahead of the step that runs."""
         if self.queued is not None:
-            raise OffloadError("prefetch() twice without rows() between: the pipeline runs one step ahead at most")
+            raise RuntimeError("prefetch() twice without rows() between: the pipeline runs one step ahead at most")
         self.queued = self._job(xs, self.current if self.train else None)
 
     def _job(self, xs, prev):
@@ -243,7 +240,7 @@ class OffloadedTables(Tables):
         """The queued step's rows: per micro-batch (stem_ids, stem_tables) for GPT.forward, the
         inverse index and the per-layer (K, ffn_hidden) leaves."""
         if self.queued is None:
-            raise OffloadError("rows() before prefetch(): queue the step's ids first")
+            raise RuntimeError("rows() before prefetch(): queue the step's ids first")
         job, self.queued = self.queued, None
         job.leaves = self._leaves(job)
         self.current = job
@@ -407,10 +404,7 @@ class OffloadedTables(Tables):
                                  for l in range(self.n)], lr)
 
     def load_optimizer_state_dict(self, sd):
-        try:
-            self._check_loadable(sd, " without --offload" if self.optimizer == "lazy" else "")
-        except ValueError as e:
-            raise OffloadError(str(e)) from None
+        self._check_loadable(sd, " without --offload" if self.optimizer == "lazy" else "")
         for l, st in sd["state"].items():
             self.opt.m[:, self.cols(int(l))] = st["exp_avg"]
             self.opt.v[:, self.cols(int(l))] = st["exp_avg_sq"]
@@ -433,7 +427,7 @@ class RowCache:
         flat = ids.reshape(-1).tolist()
         needed = set(flat)
         if len(needed) > self.n:
-            raise OffloadError(f"offload_cache_rows={self.n} is smaller than the {len(needed)} distinct ids "
+            raise UserError(f"offload_cache_rows={self.n} is smaller than the {len(needed)} distinct ids "
                                f"of one decode step: raise --offload_cache_rows")
         self.clock += 1
         missing = [t for t in dict.fromkeys(flat) if t not in self.slot_of]

@@ -40,10 +40,8 @@ Output: files are written under temporary names and renamed into place when comp
 last. meta.json records the inputs and a fingerprint of the data. A folder prepared from other
 inputs is never replaced silently: that is an error unless --force; the same inputs do nothing.
 """
-import base64
 import contextlib
 import hashlib
-import heapq
 import io
 import json
 import math
@@ -54,7 +52,7 @@ import random
 import sys
 import time
 import urllib.request
-from collections import Counter, defaultdict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -63,165 +61,10 @@ import regex
 import tiktoken
 from tqdm import tqdm
 
+from configurator import UserError, die, parse_config
+from tokenizer import EOT, load_ranks, make_encoding, tiktoken_bytes, train_bpe
+
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-EOT = "<|endoftext|>"
-# GPT-2's pre-tokenizer, exactly as tiktoken's gpt2/r50k_base encodings define it: text is first cut
-# into pieces (words with their leading space, numbers, punctuation runs, whitespace) and BPE never
-# merges across pieces. Using the same pattern lets tiktoken's fast Rust encoder run our vocabulary.
-GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-
-
-class DataError(Exception):
-    """A problem with the user's inputs; main() prints it as one 'error: ...' line."""
-
-
-# ----------------------------------------------------------------------------- BPE tokenizer
-
-def _merge(word, pair, new_id):
-    # replace every non-overlapping occurrence of `pair`, left to right ("aaa" -> "aa" "a")
-    out, i = [], 0
-    while i < len(word):
-        if i + 1 < len(word) and word[i] == pair[0] and word[i + 1] == pair[1]:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return out
-
-
-def train_bpe(text, vocab_size, progress=True):
-    """Learn byte-level BPE ranks (bytes -> id) on `text`; id vocab_size-1 is left for <|endoftext|>.
-
-    Each step merges the most frequent adjacent pair (ties: the pair with the smallest ids). The
-    naive loop recounts every pair of the corpus each step; here the counts are updated only for
-    the words that contain the merged pair, and a heap finds the maximum.
-    """
-    if vocab_size < 257:
-        raise ValueError("vocab_size must be >= 257 (256 byte tokens + <|endoftext|>)")
-    # Pre-tokenize once: a word that occurs 500 times is stored once with frequency 500.
-    word_counts = Counter(regex.findall(GPT2_SPLIT_PATTERN, text))
-    words = [list(w.encode("utf-8")) for w in word_counts]
-    freqs = list(word_counts.values())
-    vocab = [bytes([i]) for i in range(256)]  # id -> bytes; id == rank
-    ranks = {b: i for i, b in enumerate(vocab)}
-
-    pair_counts = defaultdict(int)  # (left id, right id) -> occurrences in the corpus
-    where = defaultdict(set)  # pair -> indices of the words that (may) contain it
-    for wi, (w, f) in enumerate(zip(words, freqs)):
-        for pair in zip(w, w[1:]):
-            pair_counts[pair] += f
-            where[pair].add(wi)
-    # Max-heap via negated counts. Entries are never updated in place: when a count changes a new
-    # entry is pushed, and a popped entry whose count is out of date is simply skipped.
-    heap = [(-c, pair) for pair, c in pair_counts.items()]
-    heapq.heapify(heap)
-
-    bar = tqdm(total=vocab_size - 257, desc="bpe merges", disable=not progress)
-    while len(vocab) < vocab_size - 1:
-        if not heap:
-            count = 0
-        else:
-            neg, pair = heapq.heappop(heap)
-            count = pair_counts.get(pair, 0)
-            if -neg != count:
-                continue  # stale entry
-        if count < 2:
-            bar.close()
-            print(f"bpe: no pair occurs twice any more; stopping early with {len(vocab) + 1} tokens "
-                  f"instead of {vocab_size}")
-            break
-        merged = vocab[pair[0]] + vocab[pair[1]]
-        new_id = ranks.get(merged)
-        if new_id is None:  # a new token; if the bytes exist already (made from another split), reuse
-            new_id = len(vocab)
-            vocab.append(merged)
-            ranks[merged] = new_id
-            bar.update()
-        changed = set()
-        for wi in where.pop(pair):
-            old = words[wi]
-            new = _merge(old, pair, new_id)
-            if len(new) == len(old):
-                continue  # the index is lazy too: this word lost the pair in an earlier merge
-            f = freqs[wi]
-            for p in zip(old, old[1:]):
-                pair_counts[p] -= f
-                changed.add(p)
-            for p in zip(new, new[1:]):
-                pair_counts[p] += f
-                changed.add(p)
-                where[p].add(wi)
-            words[wi] = new
-        for p in changed:
-            if pair_counts[p] > 0:
-                heapq.heappush(heap, (-pair_counts[p], p))
-            else:
-                del pair_counts[p]
-    bar.close()
-    return ranks
-
-
-def bpe_encode_reference(text, ranks):
-    """Plain-Python BPE encoding, the same algorithm as tiktoken (used by the tests to check it)."""
-    ids = []
-    for piece in regex.findall(GPT2_SPLIT_PATTERN, text):
-        parts = [bytes([x]) for x in piece.encode("utf-8")]
-        while len(parts) > 1:
-            # merge the adjacent pair whose concatenation has the lowest rank (leftmost on ties):
-            # low ranks were learned first, so this replays the training merges in order
-            candidates = [(ranks[parts[i] + parts[i + 1]], i) for i in range(len(parts) - 1)
-                          if parts[i] + parts[i + 1] in ranks]
-            if not candidates:
-                break
-            _, i = min(candidates)
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
-        ids.extend(ranks[p] for p in parts)
-    return ids
-
-
-def tiktoken_bytes(ranks):
-    # tiktoken's file format: one "base64(token bytes) rank" line per token, in rank order
-    by_rank = sorted(ranks.items(), key=lambda kv: kv[1])
-    return "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in by_rank).encode()
-
-
-def save_tiktoken(ranks, path):
-    _write_atomic(path, tiktoken_bytes(ranks))
-
-
-def load_ranks(path):
-    # Same format as tiktoken.load.load_tiktoken_bpe, parsed here because that function caches
-    # files by their path (in /tmp/data-gym-cache) and would return a stale vocabulary after
-    # prepare_data.py rewrites the tokenizer file of a data folder.
-    ranks = {}
-    with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
-    return ranks
-
-
-def make_encoding(ranks, name="nanostem"):
-    return tiktoken.Encoding(name=name, pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={EOT: len(ranks)})
-
-
-def load_tokenizer(data_dir):
-    meta_path = os.path.join(data_dir, "meta.json")
-    if not os.path.exists(meta_path):
-        name = os.path.basename(os.path.normpath(data_dir))
-        ds = name if name in ("facts", "shakespeare") else "facts|shakespeare|text"
-        raise FileNotFoundError(f"{meta_path} not found: prepare the data first with "
-                                f"python prepare_data.py --dataset {ds} --out_dir {data_dir}")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    enc = make_encoding(load_ranks(os.path.join(data_dir, meta["tokenizer"]["file"])))
-    if enc.eot_token != meta["eot_id"]:
-        raise ValueError(f"{data_dir}: tokenizer file and meta.json disagree; re-run prepare_data.py")
-    return enc
-
 
 # ----------------------------------------------------------------------------- the facts world
 
@@ -396,9 +239,9 @@ def _file_pieces(source):
         with _open(source) as f:
             yield from _read_pieces(f)
     except UnicodeDecodeError:
-        raise DataError(f"--input {source} is not UTF-8 text; convert it to UTF-8 first") from None
+        raise UserError(f"--input {source} is not UTF-8 text; convert it to UTF-8 first") from None
     except OSError as e:
-        raise DataError(f"cannot read --input {source} ({e.strerror or e}); pass an existing text file") from None
+        raise UserError(f"cannot read --input {source} ({e.strerror or e}); pass an existing text file") from None
 
 
 def _is_val(i, val_fraction):
@@ -465,12 +308,12 @@ def _input_files(inputs):
         if os.path.isdir(path):
             found = sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names if n.endswith(".txt"))
             if not found:
-                raise DataError(f"--input {path} is a folder without .txt files; pass text files or a folder of them")
+                raise UserError(f"--input {path} is a folder without .txt files; pass text files or a folder of them")
             files += found
         elif os.path.isfile(path):
             files.append(path)
         else:
-            raise DataError(f"cannot read --input {path} (no such file or folder); pass an existing text file")
+            raise UserError(f"cannot read --input {path} (no such file or folder); pass an existing text file")
     return files
 
 
@@ -577,13 +420,13 @@ def _write_atomic(path, data):
 def _parse_tokenizer_spec(spec):
     if spec.startswith("bpe:"):
         if not regex.fullmatch(r"[0-9]+", spec[4:]) or int(spec[4:]) < 257:
-            raise DataError(f"bad --tokenizer {spec}: bpe:N needs a whole number N >= 257, e.g. bpe:8192")
+            raise UserError(f"bad --tokenizer {spec}: bpe:N needs a whole number N >= 257, e.g. bpe:8192")
         return "bpe", int(spec[4:])
     if spec.endswith(".tiktoken") and not os.path.isfile(spec):
-        raise DataError(f"tokenizer file {spec} not found; pass an existing .tiktoken file")
+        raise UserError(f"tokenizer file {spec} not found; pass an existing .tiktoken file")
     if spec == "gpt2" or spec.endswith(".tiktoken"):
         return spec, None
-    raise DataError(f"unknown --tokenizer {spec}; use bpe:N (e.g. bpe:8192), gpt2, or a PATH.tiktoken file")
+    raise UserError(f"unknown --tokenizer {spec}; use bpe:N (e.g. bpe:8192), gpt2, or a PATH.tiktoken file")
 
 
 def _build_ranks(spec, train_text, progress):
@@ -594,15 +437,15 @@ def _build_ranks(spec, train_text, progress):
         try:
             return dict(tiktoken.get_encoding("gpt2")._mergeable_ranks)
         except Exception as e:
-            raise DataError(f"could not load tiktoken's gpt2 tokenizer ({type(e).__name__}); without network "
+            raise UserError(f"could not load tiktoken's gpt2 tokenizer ({type(e).__name__}); without network "
                             "use --tokenizer PATH.tiktoken with a local copy of r50k_base.tiktoken") from None
     try:
         ranks = load_ranks(spec)
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot read tokenizer file {spec} ({e}); pass a file in tiktoken's format") from None
+        raise UserError(f"cannot read tokenizer file {spec} ({e}); pass a file in tiktoken's format") from None
     # every byte must be a token (else some text cannot be encoded) and ids must be 0..n-1
     if any(bytes([i]) not in ranks for i in range(256)) or sorted(ranks.values()) != list(range(len(ranks))):
-        raise DataError(f"{spec} is not a byte-level vocabulary with ranks 0..N-1; pass a GPT-2-style .tiktoken file")
+        raise UserError(f"{spec} is not a byte-level vocabulary with ranks 0..N-1; pass a GPT-2-style .tiktoken file")
     return ranks
 
 
@@ -656,9 +499,9 @@ def _already_prepared(out_dir, record, force):
     unless force (then it is replaced)."""
     path = os.path.join(out_dir, "meta.json")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise DataError(f"out_dir {out_dir} is a file, not a folder: choose another --out_dir")
+        raise UserError(f"out_dir {out_dir} is a file, not a folder: choose another --out_dir")
     if not force and not os.path.exists(path) and os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise DataError(f"{out_dir} holds files but no meta.json, so not data prepare_data.py made (or a preparation "
+        raise UserError(f"{out_dir} holds files but no meta.json, so not data prepare_data.py made (or a preparation "
                         f"that was interrupted): prepare into another folder to keep them, or write over them with "
                         f"`python prepare_data.py ... --out_dir={out_dir} --force`")
     if force or not os.path.exists(path):
@@ -685,7 +528,7 @@ def _already_prepared(out_dir, record, force):
         keys = [k for k in sorted(set(old) | set(record)) if old.get(k) != record.get(k)]
         why = "; ".join("the input files' sizes or modification times differ" if k == "files_sha256" else
                         f"{k} {json.dumps(old.get(k))[:60]} there, {json.dumps(record.get(k))[:60]} now" for k in keys)
-    raise DataError(f"{out_dir} holds data prepared from other inputs ({why}); pass --out_dir=OTHER to keep it, "
+    raise UserError(f"{out_dir} holds data prepared from other inputs ({why}); pass --out_dir=OTHER to keep it, "
                     "or --force to replace it")
 
 
@@ -697,25 +540,25 @@ def prepare(dataset="facts", input=None, tokenizer=None, out_dir=None, seed=1337
     files = num = None
     if dataset == "facts":
         if inputs:
-            raise DataError("--input is not used by --dataset facts (the facts are generated); drop it")
+            raise UserError("--input is not used by --dataset facts (the facts are generated); drop it")
         num = DEFAULT_ENTITIES if entities is None else entities
         if not 1 <= num <= 5000:
-            raise DataError(f"--entities {num} is out of range; use 1 to 5000")
+            raise UserError(f"--entities {num} is out of range; use 1 to 5000")
         name, tokenizer = "facts", tokenizer or f"bpe:{default_facts_vocab(num)}"
     elif dataset in ("shakespeare", "text"):
         if entities is not None:
-            raise DataError("--entities only applies to --dataset facts; drop it")
+            raise UserError("--entities only applies to --dataset facts; drop it")
         if not 0 < val_fraction < 1:
-            raise DataError(f"--val_fraction {val_fraction} must be between 0 and 1, e.g. 0.1")
+            raise UserError(f"--val_fraction {val_fraction} must be between 0 and 1, e.g. 0.1")
         tokenizer = tokenizer or "bpe:8192"
         if inputs:
             files = _input_files(inputs)
         elif dataset == "text":
-            raise DataError("--dataset text needs --input FILE or FOLDER (UTF-8 text)")
+            raise UserError("--dataset text needs --input FILE or FOLDER (UTF-8 text)")
         name = "shakespeare" if dataset == "shakespeare" else \
             os.path.splitext(os.path.basename(os.path.normpath(inputs[0])))[0]
     else:
-        raise DataError(f"unknown --dataset {dataset}; use facts, shakespeare or text")
+        raise UserError(f"unknown --dataset {dataset}; use facts, shakespeare or text")
     _parse_tokenizer_spec(tokenizer)  # fail on a bad spec before a download
     record = _inputs_record(dataset, tokenizer, inputs, files, num, seed, val_fraction)
     out_dir = out_dir or os.path.join("data", name)
@@ -737,14 +580,14 @@ def prepare(dataset="facts", input=None, tokenizer=None, out_dir=None, seed=1337
                 with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as r:
                     sources = [io.StringIO(r.read().decode("utf-8"))]
             except Exception as e:
-                raise DataError(f"could not download Tiny Shakespeare ({e}); download input.txt yourself "
+                raise UserError(f"could not download Tiny Shakespeare ({e}); download input.txt yourself "
                                 f"from {SHAKESPEARE_URL} and pass --input FILE") from None
             total_bytes = len(sources[0].getvalue().encode())
         else:
             sources, total_bytes = files, sum(os.path.getsize(p) for p in files)
         single = _single_document_chars(sources)
         if single is not None and int(single * (1 - val_fraction)) in (0, single):
-            raise DataError(f"the input ({single} characters) is too short to split into train and val; "
+            raise UserError(f"the input ({single} characters) is too short to split into train and val; "
                             "use a larger file")
         pieces = _text_pieces(sources, val_fraction, single)
         sample = ""
@@ -770,7 +613,7 @@ def prepare(dataset="facts", input=None, tokenizer=None, out_dir=None, seed=1337
             kind, n = _parse_tokenizer_spec(tokenizer)
             fix = _working_facts_vocab("\n".join(facts["train_docs"]), names + capitals,
                                        n if kind == "bpe" else 256, num)
-            raise DataError(f"with --tokenizer {tokenizer} some names are split into several tokens; raise N in "
+            raise UserError(f"with --tokenizer {tokenizer} some names are split into several tokens; raise N in "
                             f"--tokenizer bpe:N" + (f" (--tokenizer bpe:{fix} works)" if fix else ""))
     vocab_size = enc.n_vocab
     dtype = np.uint16 if vocab_size <= 65536 else np.uint32
@@ -787,7 +630,7 @@ def prepare(dataset="facts", input=None, tokenizer=None, out_dir=None, seed=1337
                                   total_bytes, progress)
         for split, other in [("val", "train"), ("train", "val")]:
             if tokens[split] == 0:
-                raise DataError(f"no {split} text: the corpus has {docs[other]} documents and every "
+                raise UserError(f"no {split} text: the corpus has {docs[other]} documents and every "
                                 f"{1 / val_fraction:.3g}th is validation (--val_fraction {val_fraction}); "
                                 "pass more documents or another --val_fraction")
         with open(tmp["tokenizer.tiktoken"], "wb") as f:
@@ -822,7 +665,7 @@ def prepare(dataset="facts", input=None, tokenizer=None, out_dir=None, seed=1337
             with contextlib.suppress(OSError):
                 os.rmdir(out_dir)  # only if empty
         if isinstance(e, OSError):
-            raise DataError(f"cannot write to {out_dir} ({e.strerror or e}); choose another --out_dir") from None
+            raise UserError(f"cannot write to {out_dir} ({e.strerror or e}); choose another --out_dir") from None
         raise
 
     bpe_time = f"{bpe_seconds:.2f} s" if bpe_seconds is not None else "none (pretrained)"
@@ -848,9 +691,6 @@ class PrepareConfig:
 
 
 def main(argv=None):
-    # common is imported here, not at the top: it imports torch (over a second), which `import
-    # prepare_data` (the tests, train.py's helpers) does not need
-    from common import UserError, die, parse_config
     cfg = PrepareConfig()
     try:
         keys = parse_config(sys.argv[1:] if argv is None else argv, cfg, doc=__doc__)
@@ -859,7 +699,7 @@ def main(argv=None):
                 raise UserError(f"--{k} is empty: give a value, or leave --{k} out for the default")
         prepare(cfg.dataset, cfg.input, cfg.tokenizer, cfg.out_dir, cfg.seed, cfg.entities, cfg.val_fraction,
                 force=cfg.force)
-    except (DataError, UserError) as e:
+    except UserError as e:
         die(str(e))
 
 

@@ -27,9 +27,11 @@ from typing import Optional
 
 import torch
 
-import prepare_data
-from common import (UserError, check_provenance, die, edit_probes, fact_recall, load_checkpoint, load_meta,
-                    model_from_checkpoint, parse_config, require, resolve_device)
+import offload
+from common import (check_provenance, edit_probes, fact_recall, load_checkpoint, load_meta, model_from_checkpoint,
+                    resolve_device)
+from configurator import UserError, die, parse_config, require
+from tokenizer import load_tokenizer
 
 
 @dataclass
@@ -173,18 +175,11 @@ def main(argv=None):
     # the tokenizer must be the one the model was trained with: a folder prepared again since may hold another
     data_dir = sc.data_dir or ckpt["config"]["train"]["data_dir"]
     check_provenance(ckpt, load_meta(data_dir), data_dir, ckpt_path, key="tokenizer_sha256")
-    try:
-        enc = prepare_data.load_tokenizer(data_dir)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(f"tokenizer not usable: {e}") from None
+    enc = load_tokenizer(data_dir)
     model = model_from_checkpoint(ckpt, ckpt_path).eval()  # on the CPU until the tables are placed
     engine, stem_fn = None, None
     if sc.offload:
-        import offload
-        try:
-            engine = offload.OffloadedTables(model, device, train=False, cache_rows=sc.offload_cache_rows)
-        except offload.OffloadError as e:
-            raise UserError(str(e)) from None
+        engine = offload.OffloadedTables(model, device, train=False, cache_rows=sc.offload_cache_rows)
         stem_fn = engine.stem_fn
     model.to(device)
     print(f"{note}; checkpoint {ckpt_path} (step {ckpt['iter']}, STEM layers {model.stem_layers or 'none'})")

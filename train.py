@@ -27,12 +27,15 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (Batches, RunLock, UserError, check_model_config, check_provenance, check_same_architecture, clock,
-                    die, evaluate, fact_recall, load_checkpoint, load_meta, model_from_checkpoint, parse_config,
-                    plot_losses, prepare_facts, print_accounting, print_config, provenance, ranks_agree, reprepare,
-                    require, resolve_device, save_checkpoint, truncate_jsonl)
+import offload
+from common import (Batches, RunLock, check_model_config, check_provenance, check_same_architecture, clock, evaluate,
+                    fact_recall, load_checkpoint, load_meta, model_from_checkpoint, plot_losses, prepare_facts,
+                    print_accounting, provenance, ranks_agree, reprepare, resolve_device, save_checkpoint,
+                    truncate_jsonl)
+from configurator import UserError, die, parse_config, print_config, require
 from model import GPT, GPTConfig, configure_optimizer
 from tables import ResidentTables
+from tokenizer import load_tokenizer
 
 
 @dataclass
@@ -149,11 +152,7 @@ def build(tc, mc, ckpt, device, ddp, keys_set):
                 "every row of every table each step (~28 bytes per table value through host memory), the traffic "
                 "offload exists to avoid; the lazy optimizer touches only the rows of the batch")
         require(not ddp, "offload runs on one process: drop --offload or run without torchrun")
-        import offload
-        try:
-            tables = offload.OffloadedTables(model, device, weight_decay=tc.weight_decay)
-        except offload.OffloadError as e:
-            raise UserError(str(e)) from None
+        tables = offload.OffloadedTables(model, device, weight_decay=tc.weight_decay)
     else:
         tables = ResidentTables(model, device, tc.table_optimizer, weight_decay=tc.weight_decay, ddp=ddp)
     optimizer = configure_optimizer(model, tc.learning_rate, tc.weight_decay)  # the backbone
@@ -178,11 +177,10 @@ def load_probes(tc, meta):
     """The facts probes and the tokenizer, for the recall metric; (None, None) for other data."""
     if not (tc.eval_facts and meta["dataset"] == "facts"):
         return None, None
-    import prepare_data
+    enc = load_tokenizer(tc.data_dir)
     try:
         facts = json.load(open(os.path.join(tc.data_dir, "facts.json")))
         probes, chance = list(facts["probes"]), sum(facts["chance"].values()) / len(facts["chance"])
-        enc = prepare_data.load_tokenizer(tc.data_dir)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError):
         raise UserError(f"{tc.data_dir} is damaged (facts.json or the tokenizer missing or unreadable): "
                         f"{reprepare(tc.data_dir)}, or pass --eval_facts=False") from None

@@ -13,7 +13,8 @@ import torch
 from conftest import TINY, _train_inproc, assert_user_error, run, tiny_config
 
 import bench
-from common import Batches, UserError, load_meta
+from common import Batches, load_meta
+from configurator import UserError
 from model import GPT
 
 

@@ -15,6 +15,8 @@ import regex
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import prepare_data as P  # noqa: E402
+import tokenizer as T  # noqa: E402
+from configurator import UserError  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"  # offline copies of public data; absent on a user's machine
 R50K = SHARED / "r50k_base.tiktoken"
@@ -33,7 +35,7 @@ def naive_train_bpe(text, vocab_size):
     # train_bpe (most frequent pair, ties to the smallest ids, reuse existing bytes, stop below 2).
     vocab = [bytes([i]) for i in range(256)]
     ranks = {b: i for i, b in enumerate(vocab)}
-    words = [(list(w.encode()), f) for w, f in Counter(regex.findall(P.GPT2_SPLIT_PATTERN, text)).items()]
+    words = [(list(w.encode()), f) for w, f in Counter(regex.findall(T.GPT2_SPLIT_PATTERN, text)).items()]
     while len(vocab) < vocab_size - 1:
         counts = Counter()
         for w, f in words:
@@ -70,7 +72,7 @@ def corpus():
 
 @pytest.fixture(scope="module")
 def small_ranks(corpus):
-    return P.train_bpe(corpus, 400, progress=False)
+    return T.train_bpe(corpus, 400, progress=False)
 
 
 def random_strings(n, seed=0):
@@ -94,11 +96,11 @@ SAMPLES = ["", "Hello, world!", "👋🏽🚀 emoji 🙂", "日本語のテキ�
 
 def test_split_pattern_is_tiktokens_gpt2():
     import tiktoken_ext.openai_public as op
-    assert P.GPT2_SPLIT_PATTERN == op.r50k_pat_str
+    assert T.GPT2_SPLIT_PATTERN == op.r50k_pat_str
 
 
 def test_bpe_round_trips_unicode(small_ranks):
-    enc = P.make_encoding(small_ranks)
+    enc = T.make_encoding(small_ranks)
     for s in SAMPLES + [MULTILINGUAL] + random_strings(300):
         ids = enc.encode_ordinary(s)
         assert all(0 <= i < len(small_ranks) for i in ids)
@@ -106,31 +108,31 @@ def test_bpe_round_trips_unicode(small_ranks):
 
 
 def test_eot_is_last_id_and_special(small_ranks):
-    enc = P.make_encoding(small_ranks)
+    enc = T.make_encoding(small_ranks)
     assert enc.eot_token == len(small_ranks) == enc.n_vocab - 1
     ids = enc.encode("a<|endoftext|>b", allowed_special={"<|endoftext|>"})
     assert ids == enc.encode_ordinary("a") + [enc.eot_token] + enc.encode_ordinary("b")
 
 
 def test_tiktoken_matches_reference_encoder(small_ranks):
-    enc = P.make_encoding(small_ranks)
+    enc = T.make_encoding(small_ranks)
     unseen = "Completely unseen words: xylophone, quixotic zephyrs, Kafkaesque 𝔘𝔫𝔦𝔠𝔬𝔡𝔢."
     for s in SAMPLES + [MULTILINGUAL, unseen] + random_strings(200, seed=1):
-        assert enc.encode_ordinary(s) == P.bpe_encode_reference(s, small_ranks), repr(s)
+        assert enc.encode_ordinary(s) == T.bpe_encode_reference(s, small_ranks), repr(s)
 
 
 def test_train_bpe_hand_computed_merges():
     # Pieces: "aaab" once and " aaab" nine times. Pair counts: aa 20, ab 10, " a" 9 -> merge "aa".
     # Then (aa,a) 10 ties (a,b) 10: the smaller ids (97,98) win -> "ab"; then (aa,ab) 10 -> "aaab";
     # then (" ",aaab) 9 -> " aaab"; then no pair is left, so training stops early at 260 ranks.
-    ranks = P.train_bpe(" ".join(["aaab"] * 10), 300, progress=False)
+    ranks = T.train_bpe(" ".join(["aaab"] * 10), 300, progress=False)
     merges = sorted((r, b) for b, r in ranks.items() if r >= 256)
     assert merges == [(256, b"aa"), (257, b"ab"), (258, b"aaab"), (259, b" aaab")]
     assert all(ranks[bytes([i])] == i for i in range(256))
 
 
 def test_train_bpe_equals_naive_algorithm(corpus):
-    ranks = P.train_bpe(corpus, 420, progress=False)
+    ranks = T.train_bpe(corpus, 420, progress=False)
     assert ranks == naive_train_bpe(corpus, 420)
     assert sorted(ranks.values()) == list(range(len(ranks))) and len(ranks) == 419
     assert all(ranks[bytes([i])] == i for i in range(256))
@@ -139,25 +141,25 @@ def test_train_bpe_equals_naive_algorithm(corpus):
 
 def test_save_and_load_ranks(tmp_path, small_ranks):
     path = str(tmp_path / "t.tiktoken")
-    P.save_tiktoken(small_ranks, path)
-    assert P.load_ranks(path) == small_ranks
+    T.save_tiktoken(small_ranks, path)
+    assert T.load_ranks(path) == small_ranks
     import tiktoken.load
     assert tiktoken.load.load_tiktoken_bpe(path) == small_ranks  # really tiktoken's format
     # rewriting the file in place must give the new ranks (tiktoken's loader would cache the old)
     smaller = {b: r for b, r in small_ranks.items() if r < 300}
-    P.save_tiktoken(smaller, path)
-    assert P.load_ranks(path) == smaller
+    T.save_tiktoken(smaller, path)
+    assert T.load_ranks(path) == smaller
 
 
 @pytest.mark.skipif(not R50K.exists(), reason="no local copy of r50k_base.tiktoken")
 def test_r50k_file_encodes_like_gpt2():
-    ranks = P.load_ranks(str(R50K))
-    enc = P.make_encoding(ranks, name="gpt2_local")
+    ranks = T.load_ranks(str(R50K))
+    enc = T.make_encoding(ranks, name="gpt2_local")
     assert enc.eot_token == 50256 and enc.n_vocab == 50257
     assert enc.encode_ordinary("Hello world") == [15496, 995]  # GPT-2's well-known ids
     assert enc.encode_ordinary(" the") == [262]
     s = "Hello world! It's a test of GPT-2's tokenizer, café 🙂\n\n  ok"
-    assert enc.encode_ordinary(s) == P.bpe_encode_reference(s, ranks)
+    assert enc.encode_ordinary(s) == T.bpe_encode_reference(s, ranks)
     assert enc.decode(enc.encode(s + "<|endoftext|>", allowed_special="all")) == s + "<|endoftext|>"
 
 
@@ -216,7 +218,7 @@ def test_prepare_facts_end_to_end(tmp_path, capsys):
         assert key in meta
     assert meta["tokenizer"] == {"spec": f"bpe:{P.default_facts_vocab(30)}", "file": "tokenizer.tiktoken"}
     assert meta["dtype"] == "uint16" and meta["eot_id"] == meta["vocab_size"] - 1
-    enc = P.load_tokenizer(out)
+    enc = T.load_tokenizer(out)
     assert enc.n_vocab == meta["vocab_size"]
     facts = P.make_facts(30, seed=1)
     for split, docs in [("train", facts["train_docs"]), ("val", facts["val_docs"])]:
@@ -230,14 +232,14 @@ def test_prepare_facts_end_to_end(tmp_path, capsys):
 
 
 def test_prepare_facts_too_small_vocab(tmp_path):
-    with pytest.raises(P.DataError, match="raise N"):
+    with pytest.raises(UserError, match="raise N"):
         P.prepare(dataset="facts", tokenizer="bpe:300", out_dir=str(tmp_path), entities=10, progress=False)
     assert not os.listdir(tmp_path)
 
 
 def test_load_tokenizer_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python prepare_data.py --dataset"):
-        P.load_tokenizer(str(tmp_path / "facts"))
+    with pytest.raises(UserError, match="no prepared tokenizer .meta.json missing.: prepare the data first"):
+        T.load_tokenizer(str(tmp_path / "facts"))
 
 
 def test_prepare_text_dataset(tmp_path):
@@ -249,13 +251,13 @@ def test_prepare_text_dataset(tmp_path):
     meta = json.load(open(os.path.join(out, "meta.json")))
     assert meta["dataset"] == "text" and meta["vocab_size"] == 500
     assert not os.path.exists(os.path.join(out, "facts.json"))
-    enc = P.load_tokenizer(out)
+    enc = T.load_tokenizer(out)
     cut = int(len(text) * 0.8)
     train = np.fromfile(os.path.join(out, "train.bin"), dtype=np.uint16).tolist()
     val = np.fromfile(os.path.join(out, "val.bin"), dtype=np.uint16).tolist()
     assert enc.decode(train) == text[:cut] and enc.decode(val) == text[cut:]
     # the tokenizer saw the training part only, and chunked encoding equals whole-text encoding
-    assert P.load_ranks(os.path.join(out, "tokenizer.tiktoken")) == P.train_bpe(text[:cut], 500, progress=False)
+    assert T.load_ranks(os.path.join(out, "tokenizer.tiktoken")) == T.train_bpe(text[:cut], 500, progress=False)
     assert train == enc.encode_ordinary(text[:cut])
 
 
@@ -268,7 +270,7 @@ def read_pieces(text, read_chars, monkeypatch):
 def test_pieces_encode_like_the_whole_on_shakespeare(small_ranks, monkeypatch):
     # one long document, read in blocks and handed on in pieces: the pieces' tokens are the whole's
     text = (SHARED / "tinyshakespeare.txt").read_text(encoding="utf-8")
-    enc = P.make_encoding(small_ranks)
+    enc = T.make_encoding(small_ranks)
     pieces = read_pieces(text, 4096, monkeypatch)
     assert len(pieces) > 100 and "".join(t for t, _ in pieces) == text
     assert [ends for _, ends in pieces] == [False] * (len(pieces) - 1) + [True]
@@ -281,7 +283,7 @@ def test_pieces_encode_like_the_whole_on_whitespace(monkeypatch):
     # "  " + "\n" before a word), so pieces must never end in whitespace
     rng = random.Random(0)
     text = "".join(rng.choice(["word", " x", "  ", "\n", "\n\n", " \t", "!", "'s"]) for _ in range(3000))
-    enc = P.make_encoding(P.train_bpe(text, 300, progress=False))  # merges whitespace runs too
+    enc = T.make_encoding(T.train_bpe(text, 300, progress=False))  # merges whitespace runs too
     assert len(enc.encode_ordinary("  \n")) == 1
     for size in [1, 3, 10]:
         pieces = [t for t, _ in read_pieces(text, size, monkeypatch)]

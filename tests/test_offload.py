@@ -8,7 +8,8 @@ import torch
 
 from conftest import tiny_config
 from model import GPT, configure_optimizer
-from offload import OffloadedTables, OffloadError
+from configurator import UserError
+from offload import OffloadedTables
 import tables
 from tables import ResidentTables
 from conftest import TINY, _losses, _train_inproc, assert_user_error, run  # noqa: F401
@@ -161,9 +162,9 @@ def test_second_prefetch_before_rows_raises_and_cache_refuses_training():
     m = GPT(tiny_config())
     eng = OffloadedTables(m, "cpu")
     eng.prefetch([torch.tensor([[1, 2]])])
-    with pytest.raises(OffloadError, match="prefetch"):
+    with pytest.raises(RuntimeError, match="prefetch"):
         eng.prefetch([torch.tensor([[3, 4]])])
-    with pytest.raises(OffloadError, match="inference"):
+    with pytest.raises(UserError, match="inference"):
         OffloadedTables(GPT(tiny_config()), "cpu", train=True, cache_rows=8)
 
 
@@ -195,12 +196,12 @@ def test_prefetch_between_rows_and_step_and_after_step_agree():
 def test_cache_smaller_than_one_step_is_an_error():
     m = GPT(tiny_config())
     eng = OffloadedTables(m, "cpu", train=False, cache_rows=1)
-    with pytest.raises(OffloadError, match="offload_cache_rows"):
+    with pytest.raises(UserError, match="offload_cache_rows"):
         eng.cache.rows(torch.tensor([[1], [2]]))
 
 
 def test_offload_refuses_swiglu():
-    with pytest.raises(OffloadError, match="STEM tables"):
+    with pytest.raises(UserError, match="STEM tables"):
         OffloadedTables(GPT(tiny_config(ffn="swiglu")), "cpu")
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import prepare_data as P
+import tokenizer as T  # noqa: E402
 from conftest import assert_user_error, run
 
 EOT = "<|endoftext|>"
@@ -77,7 +78,7 @@ def test_input_is_repeatable(tmp_path):
         "--val_fraction=0.5", f"--out_dir={out}")
     meta = json.loads((out / "meta.json").read_text())
     assert meta["inputs"]["input"] == [str(a), str(b)] and meta["inputs"]["files"] == 2
-    enc = P.load_tokenizer(str(out))
+    enc = T.load_tokenizer(str(out))
     for split, f in [("train", a), ("val", b)]:
         ids = np.fromfile(out / f"{split}.bin", dtype=meta["dtype"]).tolist()
         assert enc.decode(ids) == f.read_text(encoding="utf-8") + EOT

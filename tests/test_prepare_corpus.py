@@ -14,6 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import prepare_data as P  # noqa: E402
+import tokenizer as T  # noqa: E402
+from configurator import UserError  # noqa: E402
 
 R50K = ROOT.parent / "shared" / "data" / "r50k_base.tiktoken"  # offline copy; absent on a user's machine
 EOT = "<|endoftext|>"
@@ -104,7 +106,7 @@ def test_exact_ids_folder_and_small_reads(corpus, tmp_path, monkeypatch):
     # 1) the folder with the default block sizes
     out = P.prepare(dataset="text", input=str(corpus), tokenizer="bpe:400", out_dir=str(tmp_path / "out"),
                     val_fraction=0.25, progress=False)
-    enc = P.load_tokenizer(out)
+    enc = T.load_tokenizer(out)
     docs, ref = reference_ids(corpus_files(corpus), enc, every=4)
     assert len(docs) > 60
     assert read_ids(out) == ref
@@ -127,7 +129,7 @@ def test_exact_ids_with_gpt2_tokenizer(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(P, "READ_CHARS", 100)
     out = P.prepare(dataset="text", input=str(corpus), tokenizer=str(R50K), out_dir=str(tmp_path / "g"),
                     progress=False)
-    enc = P.make_encoding(P.load_ranks(str(R50K)))
+    enc = T.make_encoding(T.load_ranks(str(R50K)))
     _, ref = reference_ids(corpus_files(corpus), enc, every=10)
     assert read_ids(out) == ref and len(ref["val"]) > 0
 
@@ -143,7 +145,7 @@ def test_validation_is_whole_documents_spread_evenly():
 def test_few_documents_for_the_val_fraction(tmp_path):
     for i in range(3):
         (tmp_path / f"{i}.txt").write_text(f"document {i}, " * 50)
-    with pytest.raises(P.DataError, match="no val text: the corpus has 3 documents"):
+    with pytest.raises(UserError, match="no val text: the corpus has 3 documents"):
         P.prepare(dataset="text", input=str(tmp_path), tokenizer="bpe:300", out_dir=str(tmp_path / "o"), progress=False)
     assert not (tmp_path / "o").exists()
 
@@ -154,12 +156,12 @@ def test_bpe_trains_on_a_bounded_sample(corpus, tmp_path, monkeypatch, capsys):
                     progress=False)
     assert "bpe: training on a sample, the first" in capsys.readouterr().out
     # the sample: training documents in order, each followed by a line break, until 3000 bytes
-    docs, _ = reference_ids(corpus_files(corpus), P.load_tokenizer(out), every=10)
+    docs, _ = reference_ids(corpus_files(corpus), T.load_tokenizer(out), every=10)
     sample, size = "", 0
     for i, d in enumerate(docs):
         if i % 10 != 9 and size < 3000:
             sample, size = sample + d + "\n", size + len(d.encode())
-    assert P.load_ranks(os.path.join(out, "tokenizer.tiktoken")) == P.train_bpe(sample, 300, progress=False)
+    assert T.load_ranks(os.path.join(out, "tokenizer.tiktoken")) == T.train_bpe(sample, 300, progress=False)
 
 
 def test_failure_midway_leaves_nothing(corpus, tmp_path, monkeypatch):
@@ -169,10 +171,10 @@ def test_failure_midway_leaves_nothing(corpus, tmp_path, monkeypatch):
     P.prepare(dataset="text", input=str(corpus), tokenizer="bpe:300", out_dir=str(out), progress=False)
     before = snapshot(out)
     (corpus / "sub" / "z.txt").write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(P.DataError, match="z.txt is not UTF-8"):
+    with pytest.raises(UserError, match="z.txt is not UTF-8"):
         P.prepare(dataset="text", input=str(corpus), tokenizer="bpe:300", out_dir=str(out), progress=False, force=True)
     assert snapshot(out) == before
-    with pytest.raises(P.DataError, match="not UTF-8"):
+    with pytest.raises(UserError, match="not UTF-8"):
         P.prepare(dataset="text", input=str(corpus), tokenizer="bpe:300", out_dir=str(tmp_path / "new"), progress=False)
     assert not (tmp_path / "new").exists()
 
@@ -196,7 +198,7 @@ def test_several_inputs_on_the_command_line(corpus, tmp_path):
                 "--tokenizer", "bpe:300", "--out_dir", str(out))
     assert r.returncode == 0, r.stderr
     assert "documents: 44 train, 4 val (every 10th)" in r.stdout
-    _, ref = reference_ids([corpus / "a.txt", corpus / "c.txt"], P.load_tokenizer(str(out)), every=10)
+    _, ref = reference_ids([corpus / "a.txt", corpus / "c.txt"], T.load_tokenizer(str(out)), every=10)
     assert read_ids(out) == ref
 
 
@@ -227,7 +229,7 @@ def test_refuses_other_facts_and_a_changed_file(tmp_path):
     P.prepare(dataset="facts", out_dir=out, entities=10, seed=1, progress=False)
     before = snapshot(out)
     for kw in [dict(seed=2), dict(entities=11), dict(tokenizer="bpe:1000")]:
-        with pytest.raises(P.DataError, match="holds data prepared from other inputs"):
+        with pytest.raises(UserError, match="holds data prepared from other inputs"):
             P.prepare(dataset="facts", out_dir=out, progress=False, **{"entities": 10, "seed": 1, **kw})
     assert snapshot(out) == before
     # a text file edited after preparing counts as another input
@@ -235,13 +237,13 @@ def test_refuses_other_facts_and_a_changed_file(tmp_path):
     src.write_text("some text to split. " * 30)
     P.prepare(dataset="text", input=str(src), tokenizer="bpe:270", out_dir=str(tmp_path / "t"), progress=False)
     os.utime(src, ns=(0, 10**9))
-    with pytest.raises(P.DataError, match="input files' sizes or modification times differ"):
+    with pytest.raises(UserError, match="input files' sizes or modification times differ"):
         P.prepare(dataset="text", input=str(src), tokenizer="bpe:270", out_dir=str(tmp_path / "t"), progress=False)
     # a folder made by the previous prepare_data.py records no inputs: refused too
     meta = json.loads((tmp_path / "t" / "meta.json").read_text())
     del meta["inputs"]
     (tmp_path / "t" / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(P.DataError, match="records no inputs"):
+    with pytest.raises(UserError, match="records no inputs"):
         P.prepare(dataset="text", input=str(src), tokenizer="bpe:270", out_dir=str(tmp_path / "t"), progress=False)
 
 
@@ -257,12 +259,12 @@ def test_fingerprint_and_tokenizer_hash(tmp_path):
 
 
 def test_too_small_facts_vocab_suggests_one_that_works(tmp_path):
-    with pytest.raises(P.DataError, match="raise N") as e:
+    with pytest.raises(UserError, match="raise N") as e:
         P.prepare(dataset="facts", tokenizer="bpe:300", out_dir=str(tmp_path / "x"), entities=30, progress=False)
     suggested = str(e.value).split("(--tokenizer ")[1].split(" works")[0]
     assert suggested.startswith("bpe:") and not (tmp_path / "x").exists()
     P.prepare(dataset="facts", tokenizer=suggested, out_dir=str(tmp_path / "x"), entities=30, progress=False)
     # and it is the smallest multiple of 128 that works
     smaller = f"bpe:{int(suggested[4:]) - 128}"
-    with pytest.raises(P.DataError, match="raise N"):
+    with pytest.raises(UserError, match="raise N"):
         P.prepare(dataset="facts", tokenizer=smaller, out_dir=str(tmp_path / "y"), entities=30, progress=False)

@@ -23,7 +23,8 @@ def test_gpt2_small_presets_train_at_a_reduced_size(facts, tmp_path):
 
 
 def test_gpt2_small_stem_preset_at_full_size(capsys):
-    from common import parse_config, print_accounting
+    from common import print_accounting
+    from configurator import parse_config
     from model import GPT, GPTConfig
     from train import TrainConfig
     tc, mc = TrainConfig(), GPTConfig(vocab_size=50257)

@@ -335,7 +335,7 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
 
 
 def test_a_checkpoint_of_another_code_version_is_one_line(trained):
-    from common import UserError, load_checkpoint, model_from_checkpoint
+    from configurator import UserError, load_checkpoint, model_from_checkpoint
     ckpt = load_checkpoint(os.path.join(trained[0], "ckpt.pt"))
     extra = dict(ckpt, config=dict(ckpt["config"], model=dict(ckpt["config"]["model"], new_key=1)))
     with pytest.raises(UserError, match="does not fit this code's GPTConfig"):

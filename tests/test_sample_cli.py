@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import assert_user_error, run
-from common import UserError
+from configurator import UserError
+import tokenizer as T  # noqa: E402
 
 
 def _names(facts, n=3):
@@ -82,11 +83,10 @@ def test_until_eot():
 
 def test_sample_stops_at_eot(trained, facts, monkeypatch, capsys):
     """generate() is replaced by one that writes a, b, end-of-text, c: the sample must end before c."""
-    import prepare_data
     import sample
     from model import GPT
     out, _ = trained
-    enc = prepare_data.load_tokenizer(facts)
+    enc = T.load_tokenizer(facts)
     a, b, c = _names(facts)
     new = [enc.encode(" " + a)[0], enc.encode(" " + b)[0], enc.eot_token, enc.encode(" " + c)[0]]
 

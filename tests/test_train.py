@@ -188,7 +188,7 @@ def test_cuda_asked_for_without_cuda(facts):
 def test_preset_list_keys(tmp_path):
     """A repeatable key in a preset: one string or a list of strings, added to those given on the command line."""
     import sample
-    from common import UserError, parse_config
+    from configurator import UserError, parse_config
     cfg = sample.SampleConfig()
     preset = tmp_path / "s.py"
     preset.write_text('edit = ["A=B", "C=D"]\n')
