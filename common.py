@@ -1,7 +1,10 @@
 """
-What the scripts share: the config mechanism (dataclasses and --key=value), the device and dtype
-decision, the data batches, checkpoints, evaluation (loss, fact recall, edit probes), and the
-accounting printout. train.py, sample.py and bench.py import from here; model.py does not.
+What train.py, sample.py, bench.py and claims.py share: the device and dtype decision, the data
+batches, checkpoints and their provenance, the run lock, evaluation (loss, fact recall, edit probes),
+the loss plot and the accounting printout. It is not a script (nothing to run) and holds no model
+code: model.py stands alone, and the config mechanism is configurator.py.
+
+    from common import Batches, load_checkpoint, fact_recall     # as the scripts do
 """
 
 import json
@@ -26,14 +29,13 @@ def check_model_config(mc):
     """Every GPTConfig value in range, before anything is built or written."""
     for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "ffn_hidden"):
         require(getattr(mc, k) >= 1, f"{k}={getattr(mc, k)} must be at least 1")
+    heads = [h for h in range(1, min(mc.n_embd, 64) + 1) if mc.n_embd % h == 0 and (mc.n_embd // h) % 2 == 0]
     require(mc.n_embd % mc.n_head == 0, f"n_embd={mc.n_embd} is not divisible by n_head={mc.n_head}: "
-            f"pick n_head among {[h for h in range(1, min(mc.n_embd, 64) + 1) if mc.n_embd % h == 0 and (mc.n_embd // h) % 2 == 0]}")
+            f"pick n_head among {heads}")
     require((mc.n_embd // mc.n_head) % 2 == 0, f"head size n_embd/n_head = {mc.n_embd // mc.n_head} is odd; rotary "
             f"embeddings rotate pairs of channels, so it must be even: change n_embd or n_head")
     require(mc.rope_theta > 0 and mc.norm_eps > 0, "rope_theta and norm_eps must be positive")
-    for k in ("moe_experts",):  # ablation-only keys, when the model has them
-        if hasattr(mc, k):
-            require(getattr(mc, k) >= 1, f"{k}={getattr(mc, k)} must be at least 1")
+    require(mc.moe_experts >= 1, f"moe_experts={mc.moe_experts} must be at least 1")
     try:
         parse_stem_layers(mc.stem_layers, mc.n_layer, mc.ffn)
     except ValueError as e:
@@ -45,13 +47,11 @@ def check_model_config(mc):
 
 
 def reuse_freed_memory():
-    """On Linux with glibc: keep freed memory in the process for the next allocation of that size.
-    By default glibc serves every block over 32 MiB (a (batch, block, vocab) logits tensor at GPT-2's
-    vocabulary is 200 MB) with a fresh mmap and unmaps it on free, so each step page-faults its big
-    tensors in again: at GPT-2's vocabulary on a 2-core CPU that was about 40% of a training step, and
-    its luck differed from process to process by more than STEM's FLOP saving (README, "Is STEM
-    faster?"). This is what MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge> do, set at run time.
-    The cost: the process keeps its peak memory until it exits. Returns whether it applied."""
+    """On Linux with glibc: keep freed memory for the next allocation (MALLOC_MMAP_MAX_=0 and a huge
+    MALLOC_TRIM_THRESHOLD_, set at run time). Otherwise glibc maps every block over 32 MiB afresh (the
+    logits at GPT-2's vocabulary are 200 MB) and each CPU step page-faults its big tensors in again: up
+    to 40% of a step, and varying between processes by more than STEM's FLOP saving. The cost: the
+    process keeps its peak memory until it exits. Returns whether it applied."""
     try:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
@@ -157,7 +157,7 @@ class Batches:
 
     def to_device(self, x, y):
         if self.device.startswith("cuda"):
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in (x, y))
         return x, y
 
 
@@ -178,7 +178,8 @@ def load_checkpoint(path, map_location="cpu"):
         raise UserError(f"{folder} is a file: --out_dir names the folder that holds ckpt.pt "
                         f"(--out_dir={os.path.dirname(folder) or '.'})")
     if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: train one first (python train.py --out_dir={os.path.dirname(path) or '.'})")
+        raise UserError(f"no checkpoint at {path}: train one first "
+                        f"(python train.py --out_dir={os.path.dirname(path) or '.'})")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
@@ -306,7 +307,7 @@ def evaluate(model, batches, eval_iters, ctx, lookup=None):
 
 @torch.no_grad()
 def fact_recall(model, enc, probes, device, ctx=nullcontext(), batch=256, stem_fn=None):
-    """Fraction of probes ("The capital of Velmora is" -> " Drasil") whose greedy continuation
+    """Fraction of probes ("The capital of Zurgilpil is" -> " Palran") whose greedy continuation
     starts with the answer, overall and per attribute. Probes of equal token length run as a batch.
     A probe with a "stem_prompt" looks its STEM rows up by that text's ids (an edit)."""
     model.eval()
@@ -351,21 +352,27 @@ def edit_probes(facts, enc, n_pairs=100, seed=0):
 
 
 def plot_losses(metrics_path, png_path):
-    import matplotlib
+    """out_dir/loss.png: training and validation loss by step, and beside it fact recall where the data has probes."""
+    import matplotlib  # imported here: only a run that plots needs it (and it is slow to import)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [json.loads(line) for line in open(metrics_path)]
     tr = [(r["iter"], r["loss"]) for r in rows if r["kind"] == "train"]
     ev = [(r["iter"], r["val_loss"]) for r in rows if r["kind"] == "eval"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    rec = [(r["iter"], r["recall"]) for r in rows if r["kind"] == "eval" and "recall" in r]
+    fig, axes = plt.subplots(1, 2 if rec else 1, figsize=(11 if rec else 6, 4), squeeze=False)
+    ax = axes[0][0]
     if tr:
         ax.plot(*zip(*tr), lw=0.8, alpha=0.6, label="train (per step)")
     if ev:
         ax.plot(*zip(*ev), "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set(xlabel="step", ylabel="loss")
     ax.legend()
-    ax.grid(alpha=0.3)
+    if rec:
+        axes[0][1].plot(*zip(*rec), "o-", color="C2")
+        axes[0][1].set(xlabel="step", ylabel="fact recall", ylim=(0, 1.02))
+    for a in axes[0]:
+        a.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)

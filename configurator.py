@@ -108,7 +108,8 @@ def parse_config(argv, *configs, doc=None):
     to the dataclass instances, in place. -h / --help prints doc (the script's docstring) and the keys,
     then exits 0. Returns the set of keys that were set."""
     if "-h" in argv or "--help" in argv:
-        print((doc.strip() + "\n\n" if doc else "") + "Options (--key=value; a preset file of key = value lines may come first):")
+        print((doc.strip() + "\n\n" if doc else "")
+              + "Options (--key=value; a preset file of key = value lines may come first):")
         print(config_help(*configs))
         sys.exit(0)
     fields = {f.name: (c, f) for c in configs for f in dataclasses.fields(c)}

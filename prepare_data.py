@@ -1,16 +1,12 @@
 """
-Turns text into the token files the training script reads: data/<name>/train.bin and val.bin
-(flat arrays of token ids, documents separated by <|endoftext|>), meta.json, and the tokenizer
-itself (tokenizer.tiktoken), so that a data folder is self-contained.
+Turns text into the token files training reads: data/<name>/train.bin and val.bin (flat arrays of
+token ids, documents separated by <|endoftext|>), meta.json, and the tokenizer (tokenizer.tiktoken),
+so that a data folder is self-contained. The BPE trainer itself is tokenizer.py; no torch here.
 
     python prepare_data.py                                    # facts (100 countries) into data/facts
     python prepare_data.py --entities=400 --out_dir=data/facts400
     python prepare_data.py --dataset=shakespeare --tokenizer=gpt2 --out_dir=data/shakespeare-gpt2
     python prepare_data.py --dataset=text --input=books/ --input=notes.txt --tokenizer=bpe:4096
-    python prepare_data.py --help                             # every option, its default and type
-
-Options are --key=value, as for train.py, sample.py and bench.py (--key value works too, --force
-alone means --force=True, and --input is repeated for several inputs).
 
 Datasets:
   facts        (default) a synthetic world of invented countries and their capital, language,
@@ -18,27 +14,24 @@ Datasets:
                capital name is made a single token, and validation states the same facts in
                wordings never seen in training: a low val loss means recalled facts, not copied text.
   shakespeare  Tiny Shakespeare (downloaded, or --input FILE for a local copy)
-  text         UTF-8 text: --input FILE, several (--input a.txt --input b.txt), or a FOLDER (its
-               .txt files, subfolders included, in sorted order)
+  text         UTF-8 text: --input FILE, repeated, or a FOLDER (its .txt files, sorted, subfolders too)
 Text corpora (shakespeare, text):
-  documents    each file is a document, and inside a file a line holding only <|endoftext|> also
-               ends one (the usual corpus-dump format; that line and the line breaks around it are
-               dropped, and so are empty documents). <|endoftext|> anywhere else is ordinary text.
-               Each document is encoded whole and followed by the <|endoftext|> token.
+  documents    each file is a document, and a line holding only <|endoftext|> also ends one (that line
+               and the line breaks around it are dropped, and so are empty documents). Each document is
+               encoded whole and followed by the <|endoftext|> token.
   validation   whole documents: every 1/val_fraction-th (0.1: the 10th, 20th, ...). A corpus that
                is one document (one file without such lines, e.g. Tiny Shakespeare) is split by
                characters instead: its last val_fraction is validation, no <|endoftext|> added.
-  streaming    files are read a block at a time, long documents are handed on in pieces cut where
-               the tokens cannot change, and all cores encode: memory stays bounded whatever the
-               size of the corpus. bpe:N trains on the first 10 MB of training text (and says so).
+  streaming    files are read a block at a time, long documents are cut where the tokens cannot
+               change, and all cores encode: memory stays bounded whatever the size of the corpus.
 Tokenizers (--tokenizer):
-  bpe:N        byte-level BPE with N ids (256 bytes + merges + <|endoftext|>), trained here on the
-               training split with GPT-2's pre-tokenizer (default: bpe:8192, or a small N for facts)
+  bpe:N        byte-level BPE with N ids, trained on the training split (at most its first 10 MB)
+               with GPT-2's pre-tokenizer (default: bpe:8192, or a small N for facts)
   gpt2         GPT-2's own tokenizer via tiktoken (downloads it once)
   PATH.tiktoken  ranks from a local tiktoken file, e.g. GPT-2's r50k_base.tiktoken
-Output: files are written under temporary names and renamed into place when complete, meta.json
-last. meta.json records the inputs and a fingerprint of the data. A folder prepared from other
-inputs is never replaced silently: that is an error unless --force; the same inputs do nothing.
+Output: files are written under temporary names and renamed into place, meta.json last; it records
+the inputs and a fingerprint. A folder prepared from other inputs is never replaced silently: that
+is an error unless --force; the same inputs do nothing.
 """
 import contextlib
 import hashlib
@@ -116,7 +109,7 @@ def make_facts(num_entities, seed):
              for w in regex.findall(r"\p{L}+", s)}
     taken |= {w.lower() for pool in POOLS.values() for w in pool}
 
-    def new_name():  # a fresh invented word, e.g. "Velmora" (2-3 syllables)
+    def new_name():  # a fresh invented word, e.g. "Zurgilpil" (2-3 syllables)
         while True:
             name = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS)
                            for _ in range(rng.choice([2, 3]))).capitalize()
@@ -681,12 +674,12 @@ def prepare(dataset="facts", input=None, tokenizer=None, out_dir=None, seed=1337
 @dataclass
 class PrepareConfig:
     dataset: str = "facts"  # facts | shakespeare | text
-    input: list = field(default_factory=list)  # FILE or FOLDER of .txt files, repeatable (text: required; shakespeare: a local copy)
+    input: list = field(default_factory=list)  # FILE or FOLDER of .txt files, repeatable (shakespeare: a local copy)
     tokenizer: Optional[str] = None  # bpe:N, gpt2 or PATH.tiktoken (default: bpe:8192; a small N for facts)
     out_dir: Optional[str] = None  # default data/<name>
     seed: int = 1337  # facts: the world's seed
     entities: Optional[int] = None  # facts: number of countries (default 100)
-    val_fraction: float = 0.1  # shakespeare/text: every 1/val_fraction-th document is validation (one document: its last part)
+    val_fraction: float = 0.1  # every 1/val_fraction-th document is validation (one document: its last part)
     force: bool = False  # replace out_dir even if it holds data made from other inputs
 
 

@@ -1,9 +1,10 @@
 """
-Sample from a trained model, and edit what it knows about a token.
+Sample from a trained model, and edit what it knows about a token. It does not train (train.py) or
+time anything (bench.py); fact recall over many probes is --eval_facts here and claims.py.
 
     python sample.py                                         # out/ckpt.pt, samples from an empty prompt
-    python sample.py --start="The capital of Velmora is" --greedy
-    python sample.py --start="The capital of Velmora is" --greedy --edit "Velmora=Korvath"
+    python sample.py --start="The capital of Zurgilpil is" --greedy
+    python sample.py --start="The capital of Zurgilpil is" --greedy --edit "Zurgilpil=Kemel"
     python sample.py --eval_facts                            # fact recall on the facts probes
 
 Knowledge editing (STEM paper, s. 5): the text stays the same, but at the positions of Source's
@@ -79,7 +80,7 @@ def parse_edit(e):
     src, eq, tgt = e.partition("=")
     if not eq or not src.strip() or not tgt.strip() or "=" in tgt:
         raise UserError(f"--edit {e!r} is not Source=Target (one '=', text on both sides), "
-                        f"e.g. --edit \"Velmora=Korvath\"; repeat --edit for more than one")
+                        f"e.g. --edit \"Zurgilpil=Kemel\"; repeat --edit for more than one")
     if "<|" in e and "|>" in e:
         raise UserError(f"--edit {e!r}: special tokens such as <|endoftext|> have no row to swap; edit words")
     return src.strip(), tgt.strip()

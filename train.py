@@ -1,5 +1,6 @@
 """
-Train a GPT with STEM or SwiGLU FFNs.
+Train a GPT with STEM or SwiGLU FFNs: the training script, read top to bottom. The model is model.py,
+the tables' optimizer tables.py (offload.py with --offload); this file holds no model code.
 
     python train.py                                   # the main job: facts data, small STEM model
     python train.py --ffn=swiglu --max_iters=500      # any --key=value from the two configs below
@@ -42,7 +43,7 @@ from tokenizer import load_tokenizer
 class TrainConfig:
     data_dir: str = "data/facts"  # made by prepare_data.py (the facts data is made here if missing)
     out_dir: str = "out"  # ckpt.pt, metrics.jsonl, loss.png (and best.pt with keep_best)
-    init_from: str = "scratch"  # "scratch" (refused over a checkpoint) or "resume" (continue; keys not given: the checkpoint's)
+    init_from: str = "scratch"  # "scratch" (refused over a checkpoint) | "resume" (keys not given: the checkpoint's)
     batch_size: int = 32  # sequences per micro-batch (per process under DDP)
     grad_accum: int = 1  # micro-batches per optimizer step
     max_iters: int = 600  # optimizer steps (the default run: about 2.5 minutes on a 2-core CPU)
@@ -88,12 +89,17 @@ def check_config(tc, mc, resuming_keys_unknown=False):
     require(0 <= tc.min_lr and (resuming_keys_unknown or tc.min_lr <= tc.learning_rate),
             f"min_lr={tc.min_lr} must be in [0, learning_rate={tc.learning_rate}]")
     require(tc.weight_decay >= 0, f"weight_decay={tc.weight_decay} must be 0 or more")
-    require(tc.grad_clip > 0, f"grad_clip={tc.grad_clip} must be positive (a large value such as 1e9 turns clipping off)")
+    require(tc.grad_clip > 0, f"grad_clip={tc.grad_clip} must be positive (a value such as 1e9 turns clipping off)")
     require(tc.init_from in ("scratch", "resume"), f"init_from={tc.init_from!r} is not one of scratch, resume")
-    require(tc.table_optimizer in ("dense", "lazy"), f"table_optimizer={tc.table_optimizer!r} is not one of dense, lazy")
+    require(tc.table_optimizer in ("dense", "lazy"), f"table_optimizer={tc.table_optimizer!r} is not dense or lazy")
     check_model_config(mc)
     if os.path.exists(tc.out_dir) and not os.path.isdir(tc.out_dir):
         raise UserError(f"out_dir={tc.out_dir} is a file, not a folder: choose another --out_dir")
+
+
+def refuse_to_overwrite(tc):
+    """A fresh start never writes over a run. Checked after the values, the device and the data, so that
+    a mistake in those is what a user hears about first."""
     ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
     if tc.init_from == "scratch" and os.path.exists(ckpt_path):
         raise UserError(f"{ckpt_path} exists: continue that run with --init_from=resume, or start over in another "
@@ -192,7 +198,8 @@ def checkpoint(raw_model, tables, optimizer, tc, mc, meta, state, data_rng, devi
     """Everything a resume needs, with the same keys whether the tables were resident or offloaded."""
     return {
         "model": tables.state_dict(raw_model),
-        "optimizer": {"backbone": optimizer.state_dict(), "tables": tables.optimizer_state_dict(get_lr(state["iter"], tc))},
+        "optimizer": {"backbone": optimizer.state_dict(),
+                      "tables": tables.optimizer_state_dict(get_lr(state["iter"], tc))},
         "config": {"model": dataclasses.asdict(mc), "train": dataclasses.asdict(tc)},
         "data": provenance(meta, tc.data_dir),  # what it was trained on: sample.py, bench.py and a resume check it
         **state,  # iter, tokens, best_val_loss, best_iter, last_val_loss
@@ -219,13 +226,15 @@ def start_processes(tc):
 
 class Progress:
     """Log lines and metrics.jsonl rows. Steps are kept as device tensors and read once per log line,
-    so the GPU is never made to wait per step; dt is the mean over the steps since the last line."""
+    so the GPU is never made to wait per step; dt is the mean over the steps since the last line.
+    The first logged step (allocator warm-up, torch.compile) is left out of the smoothed tok/s and ETA."""
 
     def __init__(self, path, master, tokens_per_step, max_iters):
         self.path, self.master, self.tokens_per_step, self.max_iters = path, master, tokens_per_step, max_iters
         self.steps = []  # (iter, lr, tokens, tensor[loss, grad norm, table grad norm])
         self.t_start = self.t_last = time.time()
-        self.dt_avg = None  # smoothed seconds per step: tok/s and the ETA
+        self.dt_avg = None  # smoothed seconds per step after warm-up: tok/s and the ETA
+        self.warm = False  # the first flush holds the warm-up step
 
     def write(self, row):
         if self.master:
@@ -238,15 +247,38 @@ class Progress:
     def flush(self):
         values = torch.stack([v for *_, v in self.steps]).tolist()  # the one device read
         dt = (time.time() - self.t_last) / len(self.steps)
-        self.dt_avg = dt if self.dt_avg is None else 0.7 * self.dt_avg + 0.3 * dt
+        if self.warm:
+            self.dt_avg = dt if self.dt_avg is None else 0.7 * self.dt_avg + 0.3 * dt
+        self.warm = True
         for (it, lr, tokens, _), (loss, gn, tn) in zip(self.steps, values):
             self.write(dict(kind="train", iter=it, loss=loss, lr=lr, grad_norm=gn, table_grad_norm=tn,
                             dt_ms=dt * 1000, tok_per_s=self.tokens_per_step / dt, tokens=tokens))
         if self.master:
+            speed = (f"{self.tokens_per_step / self.dt_avg:,.0f} tok/s | {clock(time.time() - self.t_start)} elapsed, "
+                     f"ETA {clock((self.max_iters - it) * self.dt_avg)}") if self.dt_avg else "warm-up (not timed)"
             print(f"step {it:5d} | loss {loss:.4f} | lr {lr:.2e} | grad norm {gn:.2f} (tables {tn:.2f}) "
-                  f"| dt {dt * 1000:.0f} ms | {self.tokens_per_step / self.dt_avg:,.0f} tok/s "
-                  f"| {clock(time.time() - self.t_start)} elapsed, ETA {clock((self.max_iters - it) * self.dt_avg)}")
+                  f"| dt {dt * 1000:.0f} ms | {speed}")
         self.steps, self.t_last = [], time.time()
+
+
+def restore_data_order(batches, ckpt, rank, world, fresh_seed, log):
+    """Each rank continues its own data draws, so a resumed run sees the batches an uninterrupted one
+    would. With another number of processes, rank 0 continues and the others draw anew."""
+    ranks = ckpt["rng"].get("data_ranks") or [ckpt["rng"]["data"]]  # one per process that trained it
+    batches.gen.set_state(ranks[rank] if len(ranks) == world else ranks[0])
+    if len(ranks) != world:
+        if rank:
+            batches.gen.manual_seed(fresh_seed)
+        log(f"note: the checkpoint was trained by {len(ranks)} process(es), this run has {world}: "
+            f"the data order is not the one an uninterrupted run would have seen")
+
+
+def resume_command(tc, mc, keys_set):
+    """The command that continues this run. A resume takes the keys it is not given from the
+    checkpoint, so it repeats the folder and what this run was given, shell-quoted."""
+    given = ["out_dir"] + sorted(keys_set - {"out_dir", "init_from"})
+    args = [f"--{k}={getattr(tc if hasattr(tc, k) else mc, k)}" for k in given] + ["--init_from=resume"]
+    return "python train.py " + " ".join(shlex.quote(a) for a in args)
 
 
 def train(tc, mc, keys_set):
@@ -258,17 +290,10 @@ def train(tc, mc, keys_set):
     torch.manual_seed(tc.seed)
     meta, ckpt = load_run(tc, mc, keys_set, ddp)
     batches = Batches(tc.data_dir, meta, mc.block_size, tc.batch_size, device, tc.seed + rank)
+    refuse_to_overwrite(tc)
     raw_model, tables, optimizer, state, accounting = build(tc, mc, ckpt, device, ddp, keys_set)
     if ckpt:
-        ranks = ckpt["rng"].get("data_ranks") or [ckpt["rng"]["data"]]  # one per process that trained it
-        if len(ranks) == world:
-            batches.gen.set_state(ranks[rank])  # each rank continues its own draws: the same run
-        else:  # another number of processes: rank 0 continues, the others draw anew (distinct per rank)
-            batches.gen.set_state(ranks[0])
-            if rank:
-                batches.gen.manual_seed(tc.seed + rank + 7919 * state["iter"])
-            log(f"note: the checkpoint was trained by {len(ranks)} process(es), this run has {world}: "
-                f"the data order is not the one an uninterrupted run would have seen")
+        restore_data_order(batches, ckpt, rank, world, tc.seed + rank + 7919 * state["iter"], log)
         ckpt = None  # free memory
         if state["iter"] >= tc.max_iters:
             log(f"note: the checkpoint is at step {state['iter']} and max_iters is {tc.max_iters}: nothing to train "
@@ -299,12 +324,14 @@ def train(tc, mc, keys_set):
             + (f", {len(probes)} fact probes" if probes else "") + ") ...", flush=True)
         tables.sync()  # every queued table update has landed
         losses = evaluate(raw_model, batches, tc.eval_iters, ctx, tables.lookup)
-        row = dict(kind="eval", iter=state["iter"], tokens=state["tokens"], train_loss=losses["train"], val_loss=losses["val"])
+        row = dict(kind="eval", iter=state["iter"], tokens=state["tokens"], train_loss=losses["train"],
+                   val_loss=losses["val"])
         msg = f"eval {state['iter']:5d} | train {losses['train']:.4f} | val {losses['val']:.4f}"
         if probes:
             rec = fact_recall(raw_model, enc, probes, device, ctx, stem_fn=tables.stem_fn)
             row.update(rec)
-            msg += f" | recall {rec['recall']:.3f} (" + ", ".join(f"{k} {v:.2f}" for k, v in rec.items() if k != "recall") + ")"
+            msg += f" | recall {rec['recall']:.3f} (" + ", ".join(f"{k} {v:.2f}" for k, v in rec.items()
+                                                             if k != "recall") + ")"
         log(msg)
         progress.write(row)
         improved = losses["val"] < state["best_val_loss"]
@@ -313,7 +340,8 @@ def train(tc, mc, keys_set):
         state["last_val_loss"] = losses["val"]
         if tc.stop_on_nan and not math.isfinite(losses["val"]):  # diverged: keep the last good checkpoint
             raise UserError(f"training diverged at step {state['iter']} (val loss {losses['val']}): "
-                            + (f"{paths['ckpt']} keeps step {saved[0]}" if saved[0] is not None else "no checkpoint written")
+                            + (f"{paths['ckpt']} keeps step {saved[0]}" if saved[0] is not None
+                               else "no checkpoint written")
                             + "; lower --learning_rate or raise --warmup_iters")
         save_checkpoint(paths["ckpt"], checkpoint(raw_model, tables, optimizer, tc, mc, meta, state, data_rng, device,
                                                   data_rngs[0]))
@@ -382,12 +410,8 @@ def train(tc, mc, keys_set):
                 evaluate_and_save()
                 progress.t_last = time.time()  # evaluation time is not step time
     except KeyboardInterrupt:
-        # a resume takes the keys it is not given from the checkpoint: repeat the folder and what this run was given
-        given = ["out_dir"] + sorted(keys_set - {"out_dir", "init_from"})
-        args = [f"--{k}={getattr(tc if hasattr(tc, k) else mc, k)}" for k in given]
         log(f"\ninterrupted at step {state['iter']}: " + (f"{paths['ckpt']} holds step {saved[0]}; continue with: "
-            f"python train.py {' '.join(shlex.quote(a) for a in args + ['--init_from=resume'])}"
-            if saved[0] is not None else "no checkpoint was written"))
+            + resume_command(tc, mc, keys_set) if saved[0] is not None else "no checkpoint was written"))
         sys.exit(130)
 
     if ddp:
@@ -400,8 +424,9 @@ def train(tc, mc, keys_set):
         torch.distributed.destroy_process_group()
     tables.sync()
     last = f" (val {state['last_val_loss']:.4f})" if state["last_val_loss"] is not None else ""
+    best = f", kept in {paths['best']}" if tc.keep_best else " (not kept: --keep_best=True keeps it)"
     log(f"done: {state['iter']} steps; {paths['ckpt']} holds the last step{last}; best val {state['best_val_loss']:.4f} "
-        f"at step {state['best_iter']}" + (f", kept in {paths['best']}" if tc.keep_best else " (not kept: --keep_best=True keeps it)"))
+        f"at step {state['best_iter']}{best}")
 
 
 def main(argv=None):

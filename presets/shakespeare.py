@@ -1,6 +1,6 @@
 # Quality comparison on Tiny Shakespeare with GPT-2's BPE (vocab 50,257).
 # python prepare_data.py --dataset shakespeare --tokenizer gpt2 --out_dir data/shakespeare-gpt2
-#   (offline: --input ../shared/data/tinyshakespeare.txt --tokenizer ../shared/data/r50k_base.tiktoken)
+#   (offline: --input PATH/tinyshakespeare.txt --tokenizer PATH/r50k_base.tiktoken)
 # python train.py presets/shakespeare.py --ffn=swiglu --seed=1 --out_dir=runs/shakespeare-swiglu-s1
 # The lazy table optimizer: dense AdamW would sweep every row of vocab x ffn_hidden tables each step
 # (50,257 rows, of which a step touches a few hundred), which costs more than the model on a CPU.
