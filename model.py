@@ -4,14 +4,14 @@ A Llama-style GPT whose FFN layers are either SwiGLU or STEM, in one file.
     SwiGLU: y = W_down(silu(W_gate x) * (W_up x))
     STEM:   y = W_down(silu(W_gate x) * U_l[token_id])      U_l: (vocab_size, ffn_hidden)
 
-STEM (Sadhukhan et al., "STEM: Scaling Transformers with Embedding Modules", arXiv 2601.10639)
-deletes the up-projection in chosen layers and looks up a per-layer table row by the position's
-input token id instead. In the forward pass the change is the `STEM` class below (next to
-`SwiGLU`) and the one line in `Block.__init__` that picks between them; besides that, the tables
-get their own initialisation (`reset_parameters`) and their own optimizer (tables.py). Token-indexed per-layer tables were already used
-as "value embeddings" in modded-nanogpt (Keller Jordan et al., 2024). The paper's ablations (the
-table in place of the gate, the table added to a kept up-projection, a hash-routed MoE) follow the
-two FFNs, for comparison only (--ffn=stem_gate, stem_add, hash_moe).
+STEM (Sadhukhan et al., "STEM: Scaling Transformers with Embedding Modules", arXiv 2601.10639) deletes the
+up-projection in chosen layers and looks up a per-layer table row by the position's input token id instead. In
+the forward pass the change is the `STEM` class below (next to `SwiGLU`) and the one line in `Block.__init__`
+that picks between them; besides that, the tables get their own initialisation (`reset_parameters`) and their
+own optimizer (tables.py). Token-indexed per-layer tables were already used as "value embeddings" in
+modded-nanogpt (Keller Jordan et al., 2024). The paper's ablations (the table in place of the gate, the table
+added to a kept up-projection, a hash-routed MoE) follow the two FFNs, for comparison only (--ffn=stem_gate,
+stem_add, hash_moe).
 
 Read top to bottom: norm -> rotary -> attention -> FFNs -> block -> config -> GPT -> optimizer.
 """
@@ -74,7 +74,8 @@ class Attention(nn.Module):
             k, v = cache[0][:B, :, :pos + T], cache[1][:B, :, :pos + T]
             if pos > 0:  # a chunk after the first: causal within the chunk, all of the past
                 causal = False
-                mask = torch.arange(pos + T, device=x.device)[None, :] <= (pos + torch.arange(T, device=x.device))[:, None]
+                at = torch.arange(pos + T, device=x.device)
+                mask = at[None, :] <= at[pos:, None]  # (T, pos + T): key j visible to query pos + i if j <= pos + i
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -103,11 +104,11 @@ class STEM(nn.Module):
         self.table = nn.Parameter(torch.empty(cfg.vocab_size, cfg.ffn_hidden))  # U_l: (V, ffn)
 
     def forward(self, x, ids, table=None):
-        # ids: (B, T) indices into the table, by default the token ids. table: another table to look
-        # up in, e.g. just the step's unique rows (tables.py, offload.py: then ids are the inverse
-        # index into them). The row is used raw: no norm, no scale, no bias
-        u = F.embedding(ids, self.table if table is None else table)  # (B, T, ffn)
-        return self.down(F.silu(self.gate(x)) * u.to(x.dtype))
+        # ids: (B, T) indices into the table, by default the token ids; table: another table to look up in, e.g.
+        # the step's unique rows (tables.py, offload.py: ids then index into them). The row is used raw (no norm,
+        # scale or bias), in g's dtype (bf16 under autocast, where x, RMSNorm's output, is float32), as SwiGLU's
+        u, g = F.embedding(ids, self.table if table is None else table), F.silu(self.gate(x))  # (B, T, ffn) each
+        return self.down(g * u.to(g.dtype))
 
 
 # -----------------------------------------------------------------------------
@@ -126,8 +127,8 @@ class STEMGate(nn.Module):
         self.table = nn.Parameter(torch.empty(cfg.vocab_size, cfg.ffn_hidden))  # (V, ffn), as STEM's
 
     def forward(self, x, ids, table=None):
-        u = F.embedding(ids, self.table if table is None else table)  # ids, table: as in STEM
-        return self.down(F.silu(u.to(x.dtype)) * self.up(x))
+        u, up = F.embedding(ids, self.table if table is None else table), self.up(x)  # ids, table: as in STEM
+        return self.down(F.silu(u.to(up.dtype)) * up)  # dtypes: as in STEM
 
 
 class STEMAdd(SwiGLU):
@@ -140,8 +141,8 @@ class STEMAdd(SwiGLU):
         self.table = nn.Parameter(torch.empty(cfg.vocab_size, cfg.ffn_hidden))
 
     def forward(self, x, ids, table=None):
-        u = F.embedding(ids, self.table if table is None else table)
-        return self.down(F.silu(self.gate(x)) * (self.up(x) + u.to(x.dtype)))
+        u, up = F.embedding(ids, self.table if table is None else table), self.up(x)
+        return self.down(F.silu(self.gate(x)) * (up + u.to(up.dtype)))  # dtypes: as in STEM
 
 
 HASH_SEED = 1234  # fixes HashMoE's id -> expert map
@@ -155,10 +156,9 @@ class HashMoE(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.experts = nn.ModuleList(SwiGLU(cfg) for _ in range(cfg.moe_experts))
-        # id -> expert: a seeded random map, not id % E, so that the frequent ids (BPE's small ids)
-        # spread over the experts. The same map in every layer. A persistent buffer: a checkpoint
-        # carries its own routing, so it loads with the map it was trained with even if the recipe
-        # (seed, torch's generator) ever changes. Not a parameter: not trained, not counted.
+        # id -> expert: a seeded random map, not id % E, so that the frequent ids (BPE's small ids) spread over the
+        # experts; the same map in every layer. A persistent buffer (not a parameter: not trained, not counted): a
+        # checkpoint carries its routing and loads with it even if the recipe (seed, torch's generator) changes.
         g = torch.Generator().manual_seed(HASH_SEED)
         self.register_buffer("expert_of", torch.randint(cfg.moe_experts, (cfg.vocab_size,), generator=g))
 

@@ -1,101 +1,108 @@
 """
-STEM tables in host memory, their rows prefetched to the GPU: for training and for inference.
+STEM tables in host memory, their rows fetched to the GPU a micro-batch at a time: for training and inference.
 
     python train.py --offload=True            # the lazy table optimizer, tables in host memory
     python sample.py --offload=True --offload_cache_rows=4096
 
+Not a general parameter-offload library: it serves tables.py's interface (prefetch, rows, step, sync) for the
+STEM tables only, so that train.py and bench.py run one loop whatever the placement.
+
 How it works
 ------------
-What stays on the GPU: the whole backbone (attention, gate and down projections, embeddings, head)
-and its AdamW state. What stays in host memory: every STEM table, packed as one tensor
-[vocab_size, n_stem * ffn_hidden], and for training the lazy AdamW moments beside it in the same
-layout. The packing puts one token's rows for every STEM layer side by side, so fetching a token is
-one contiguous run of n_stem * ffn_hidden floats. The table is ordinary memory, read only by the CPU:
-copies to and from the GPU go through persistent pinned buffers (pinned once: pinning on the fly is
-slow, and the pinned allocator rounds sizes up to a power of two). The tables are built on the CPU
-and never materialised on the GPU. OffloadedTables has the methods of tables.ResidentTables, so
-train.py and bench.py run one loop whatever the placement.
+What stays on the GPU: the whole backbone (attention, gate and down projections, embeddings, head) and its
+AdamW state. What stays in host memory: every STEM table, packed as one tensor [vocab_size, n_stem * ffn_hidden]
+(a token's rows for every STEM layer side by side: one contiguous run of W = n_stem * ffn_hidden floats), the
+lazy AdamW moments beside it in the same layout, and the step's gradient. The tables are built on the CPU and
+never materialised on the GPU.
 
-A step touches K = unique(ids) rows, and every STEM layer reads the same ids (tables.unique_ids).
-The GPU holds the step's K rows in one of two buffer slots (double buffering: step i computes out
-of slot i % 2 while step i+1's rows land in the other). Each layer reads its columns of the slot as
-its own leaf tensor (one leaf per layer, so backward writes a compact (K, ffn_hidden) gradient per
-layer and nothing is zero-filled), looked up by the inverse index (GPT.forward's stem_ids and
-stem_tables): exactly the values a resident lookup gives.
+The GPU holds the rows of the micro-batch it computes and of the next one (briefly, of the last): j looks up
+k_j = unique(ids of j) rows (tables.unique_ids), each STEM layer through its own (k_j, ffn_hidden) leaf tensor
+(own storage: nothing written later shares its autograd version counter), by the inverse index (GPT.forward's
+stem_ids and stem_tables): exactly the values a resident lookup gives. After micro-batch j's backward, its
+compact gradients go to pinned memory and the worker thread adds them into the step's host gradient
+(K, W) at the rows' places among the step's K unique ids: the sums a resident leaf accumulates, in the same
+order. So the device holds at most three micro-batches' leaves, or two and one's gradients: 3 * k * W floats
+(device_bytes below), whatever grad_accum and however many ids the step has.
 
-Where each row is updated. Consecutive steps share many rows (about half on real text). A row
-that step i+1 also needs must not wait for a trip through host memory, so it stays on the device:
-  - rows step i shares with step i-1 or step i+1 are updated on the GPU, with their AdamW moments
-    on the GPU; those it shares with step i+1 are then copied into step i+1's slot (device to device);
-  - every other row of step i is updated on the host: its gradient goes to pinned memory and
-    RowAdamW (tables.py: fused kernel, in place, several threads) updates the host table;
-  - rows that leave the device (in step i-1 and i, not in i+1) are written back: p, m, v to host.
-A row's host copy is current whenever the row is not on the device, so the host only ever reads
-current rows: rows new in step i+1 are not in step i, and the host tasks of step i-1 (the last
-ones that could touch them) run before the gather of step i+1 (one worker thread, in order).
+At step(): the joint norm of the host gradient (per-row norms, as tables.joint_norm), then host AdamW
+(tables.RowAdamW: fused kernel, in place, several threads), in groups ordered by when the next step needs the
+rows: the rows of the next step's micro-batch 0 first, then its micro-batch 0 is gathered, then the rows of
+micro-batch 1, and so on; rows the next step does not use last. A row is therefore current whenever it is read.
+The price is a serial gap at each step boundary: the GPU waits for the last gradients to reach the host, the
+norm, the update of the rows the next micro-batch 0 needs, and their gather (bench.py times such steps).
 
-One step, as a timeline (step i on the compute stream; the worker thread is a host thread):
+    compute stream | fwd+bwd j ...................... | fwd+bwd j+1 ...
+    H2D stream     |  rows of j+1 -> device           |  rows of j+2
+    D2H stream     |                                  | grads of j -> pinned
+    worker thread  |  gather j+1 (pinned)             | add grads of j into the step's | gather j+2 ...
+    at step()      | (last grads) | norm | AdamW rows of next micro 0 | gather | AdamW rows of next micro 1 | ...
 
-    compute stream   | fwd+bwd i .................. | AdamW(shared rows) carry->slot(i+1) | fwd+bwd i+1 ...
-    H2D stream       | rows new in i+1 -> slot(i+1); m, v of rows i shares with i+1 -> slot(i) |
-    D2H stream       |                                                  | grads(host rows), write-back i |
-    worker thread    | host AdamW i-1, write-back i-1 | gather i+1 |     | host AdamW i, write-back i ...
-    RowAdamW threads |   (shards of the host AdamW)   |
+The worker runs its tasks in order, which orders every host read after the writes it depends on. Two pinned
+staging planes in one block, allocated once (micro-batches alternate between them): a plane is refilled only after the
+copies out of and into it are done (the worker waits on their events, created blocking so that it sleeps rather
+than spins). Device leaves are allocated on the H2D stream and recorded on the compute stream, gradients
+recorded on the D2H stream, so that the caching allocator reuses neither while a copy or a kernel reads it.
 
-CUDA events guard the buffers: the compute stream waits for a slot's copy-in before reading it
-(each event is recorded before it is handed to another thread); copies into a slot wait for the event
-recorded after the last step that used it; the worker waits for a staging buffer's previous copy
-before refilling it; D2H copies out of temporaries keep them alive with record_stream; the main
-thread waits for the host task reading a pinned output buffer before filling it again. Without
-these, a buffer can be overwritten mid-read, which shows up as silent garbage or NaNs.
+Inference: prefill runs the prompt chunk by chunk (prefill_chunk), fetching the next chunk's rows while the
+current chunk computes. Decoding has no lookahead (the next id is the token just sampled), so a GPU cache of hot
+rows serves it: LFU, ties broken by least recent use. Token frequencies follow Zipf's law and are stable, so
+frequency is the better predictor of reuse: an LRU cache would let a burst of rare tokens evict "the" and ",".
+The hit rate is reported. The cache is for inference only: it is never refreshed after a training update, so
+training refuses it.
 
-Inference: prefill runs the prompt chunk by chunk (prefill_chunk) and prefetches the next chunk's
-rows while the current chunk computes. Decoding has no lookahead (the next id is the token just
-sampled), so a GPU cache of hot rows serves it: LFU, ties broken by least recent use. Token
-frequencies follow Zipf's law and are stable, so frequency is the better predictor of reuse: an
-LRU cache would let a burst of rare tokens evict "the" and ",". The hit rate is reported. The cache
-is for inference only: it is never refreshed after a training update, so training refuses it.
-
-On a machine without CUDA the same code runs with host and device both the CPU (no pinning, no
-streams or events), so the CPU tests exercise the ids, the carry between steps, the split between
-device and host updates, the ordering of the worker thread, the write-back and the cache.
+On a machine without CUDA the same code runs with host and device both the CPU (no pinning, no streams or
+events), so the CPU tests exercise the ids, the per-micro-batch rows, the host accumulation, the ordering of the
+worker thread, the update groups and the cache.
 """
 
+import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
 from configurator import UserError
-from tables import RowAdamW, Tables, _single_thread, adamw_, clip_joint_norm_, to_device, unique_ids
+from model import parse_stem_layers
+from tables import RowAdamW, Tables, _single_thread, joint_norm, mark_dynamic, nbytes, to_device, unique_ids
+
+
+def device_bytes(cfg, batch_size, block_size=None, grad_accum=1, unique_per_micro=None, unique_per_step=None):
+    """Bytes the STEM tables hold on a CUDA device during training, predicted without allocating, for the
+    resident lazy placement (tables, moments, RowAdamW's gather block, the step's leaves and their gradients)
+    and for offload (three micro-batches of leaves, or two and one of gradients). unique_per_micro and
+    unique_per_step (the ids a micro-batch and a step look up) default to their bounds: min(vocab, tokens).
+    Ids and inverse indices are not counted (both placements hold the same)."""
+    T = block_size or cfg.block_size
+    layers = parse_stem_layers(cfg.stem_layers, cfg.n_layer, cfg.ffn)
+    W = cfg.ffn_hidden * (len(layers) if cfg.ffn in ("stem", "stem_gate", "stem_add") else 0)
+    k = unique_per_micro or min(cfg.vocab_size, batch_size * T)
+    K = unique_per_step or min(cfg.vocab_size, batch_size * T * grad_accum)
+    block = K + K // 4 + 16  # RowAdamW's block capacity (it gathers on CUDA)
+    return dict(resident_lazy=4 * W * (3 * cfg.vocab_size + 2 * K + 3 * block), offload=4 * W * 3 * k)
 
 
 @dataclass
-class Slot:
-    """One of the two buffer sets; step i uses slot i % 2. Planes: 0 rows (p), 1 and 2 their AdamW
-    moments (m, v; training only). `out` planes: 0 the gradient of host-updated rows, 1-3 p, m, v of
-    rows written back."""
-    dev: Optional[torch.Tensor] = None  # (planes, K, W) on the device
-    stage: Optional[torch.Tensor] = None  # (planes, K, W) pinned: gathered rows on their way in
-    out: Optional[torch.Tensor] = None  # (4, K, W), pinned on CUDA: gradients and write-backs on their way out
-    g_rows: tuple = ()  # the row views of out[0], the host rows' gradients, made once (RowAdamW takes them)
-    staged: Any = None  # CUDA event: the last copy out of `stage` is done (it may be refilled)
-    free: Any = None  # CUDA event on the compute stream: the last step that used `dev` is done with it
-    out_busy: Any = None  # future of the host task that reads `out`
+class Micro:
+    """One micro-batch's (or one prompt chunk's) rows."""
+    uniq: torch.Tensor  # (k,) sorted unique ids
+    inverse: torch.Tensor  # (B, T): position -> row of uniq
+    pos: torch.Tensor  # (k,) their rows among the step's unique ids
+    plane: int = 0  # the pinned staging plane it goes through
+    loaded: Any = None  # future -> (leaves, CUDA event or None)
+    leaves: Optional[list] = None  # per layer (k, ffn_hidden), handed to the model
+    done: bool = False  # its gradient has been sent to the host
 
 
 @dataclass
 class Job:
-    """One step's (or one prompt chunk's) rows."""
-    uniq: torch.Tensor  # (K,) sorted unique ids
-    inverses: list  # per micro-batch (B, T): position -> row of uniq
-    slot: int
-    from_prev: torch.Tensor  # (K,) bool: rows carried from the previous step's slot (device to device)
-    prev_pos: torch.Tensor  # their positions in the previous step's slot
-    to_next: Optional[torch.Tensor] = None  # (K,) bool: rows the next step shares (set by its prefetch)
-    loaded: Any = None  # future -> CUDA event (or None): the rows have landed
-    leaves: Optional[list] = None  # per-layer (K, ffn_hidden) leaves while the step runs
+    """One step's rows: its unique ids and micro-batches."""
+    uniq: torch.Tensor  # (K,)
+    micros: list
+    acc: Optional[int]  # which of the two host gradient buffers the step sums into (training)
+    gathered: int = 0  # micro-batches whose gather has been queued
+    last: Any = None  # future of the last host task that adds into the gradient
+    groups: list = field(default_factory=list)  # the update, in groups: (first micro-batch needing them, task)
 
 
 class OffloadedTables(Tables):
@@ -108,7 +115,7 @@ class OffloadedTables(Tables):
             raise UserError("offload trains only with the lazy table optimizer: --table_optimizer=lazy")
         if train and cache_rows:
             raise UserError("the decode row cache is for inference: it is never refreshed after a training "
-                               "update, so it cannot be used while training")
+                            "update, so it cannot be used while training")
         super().__init__(model, optimizer, weight_decay, betas, eps)
         self.V, self.h = ffns[0].table.shape
         self.W = self.n * self.h
@@ -120,18 +127,20 @@ class OffloadedTables(Tables):
             f.table = None  # the module no longer owns a table: .to(device) moves none, state_dict() lists none
         model.to(self.device)
         self.train = train
-        self.planes = 3 if train else 1
-        # without CUDA the host is the device, and the model's own threads already use every core:
-        # the host side then runs on one thread, rather than competing with them (oversubscription)
-        self.opt = RowAdamW(self.table, threads if self.cuda else 1) if train else None  # its m, v: the host moments
+        # the host's copies and updates run in shards over `threads` threads (one thread's copies do not fill
+        # the host's memory bandwidth). Without CUDA the host is the device, and the model's own threads already
+        # use every core: one thread then (unless told), rather than competing with them (oversubscription)
+        self.threads = threads or (min(8, os.cpu_count() or 1) if self.cuda else 1)
+        self.opt = RowAdamW(self.table, self.threads) if train else None  # its m, v: the moments
         self.worker = ThreadPoolExecutor(max_workers=1, initializer=None if self.cuda else _single_thread)
+        self.pool = ThreadPoolExecutor(self.threads, initializer=_single_thread)  # the worker's shards
         self.h2d = torch.cuda.Stream(self.device) if self.cuda else None
         self.d2h = torch.cuda.Stream(self.device) if self.cuda else None
-        self.slots = [Slot(), Slot()]
-        self.next_slot, self.queued, self.current, self._last_host = 0, None, None, None
-        self.counts = dict(device=0, host=0, written_back=0)  # rows updated where, summed over steps
+        self.stage, self.plane_events, self.next_plane = None, [None, None], 0  # pinned (2, n, rows, h); CUDA
+        self.acc, self.acc_rows, self.n_jobs = [None, None], [(), ()], 0  # host gradients (rows, W), by step parity
+        self.queued, self.current, self.updating = None, None, None  # steps: prefetched, running, being updated
         self.cache = RowCache(self, min(cache_rows, self.V)) if cache_rows else None  # more slots than rows: pointless
-        self.prompt_jobs, self._chunks, self._reading = {}, [], None
+        self.prompt_jobs, self._chunks = {}, []
 
     def describe(self):
         mib = self.table.numel() * 4 / 2**20
@@ -141,213 +150,207 @@ class OffloadedTables(Tables):
         """Layer l's columns in the packed layout."""
         return slice(l * self.h, (l + 1) * self.h)
 
+    def held_bytes(self):
+        """Bytes of the tensors held on the device now: the leaves of the micro-batches fetched and not yet
+        handed back, their gradients, and the decode cache (device_bytes predicts it for training)."""
+        held = [m.leaves or m.loaded.result()[0] for j in (self.current, self.queued) if j for m in j.micros
+                if m.loaded is not None and not m.done]
+        return nbytes([t for ls in held for leaf in ls for t in (leaf, leaf.grad)] + [getattr(self.cache, "buf", None)])
+
     # ---- buffers ------------------------------------------------------------------------------
 
-    def _buffers(self, slot, K):
-        s = self.slots[slot]
-        if s.dev is None or s.dev.size(1) < K:  # grows to the largest step seen (plus a margin), then is reused
-            if s.out_busy is not None:
-                s.out_busy.result()
-            if self.cuda:
-                torch.cuda.synchronize(self.device)  # no stream may still use the old ones
-            K = int(K * 1.25) + 16
-            s.dev = torch.empty(self.planes, K, self.W, device=self.device)
-            if self.cuda:
-                s.stage = torch.empty(self.planes, K, self.W, pin_memory=True)
-                s.staged = None
-            if self.train:  # on the CPU only the gradients go out through it (plane 0)
-                s.out = torch.empty(4 if self.cuda else 1, K, self.W, pin_memory=self.cuda)
-                s.g_rows = () if self.opt.gather else s.out[0].unbind(0)  # a gathering RowAdamW needs none
-        return s
+    def _plan(self, xs, acc=None):
+        """A step's (or a prompt chunk's) ids: the step's unique ids, and per micro-batch its own unique ids,
+        the inverse index into them and their places among the step's. Sizes the buffers for it; a training
+        step sums its gradient into host buffer `acc` (0 or 1: consecutive steps alternate)."""
+        uniq, _ = unique_ids(xs)
+        micros = []
+        for x in xs:
+            u, inv = torch.unique(x, sorted=True, return_inverse=True)
+            micros.append(Micro(u, inv, torch.searchsorted(uniq, u)))
+        job = Job(uniq, micros, acc)
+        rows = min(self.V, max(x.numel() for x in xs))  # a micro-batch's ids are at most its tokens
+        if self.cuda and (self.stage is None or self.stage.size(2) < rows):
+            self.drain()  # no copy may still use the old planes
+            self.stage = None
+            torch.accelerator.empty_host_cache()  # growth frees what it replaces: the pinned allocator caches it
+            # one block for both planes; the pinned allocator rounds a block up to a power of two: fill it
+            row_bytes = 2 * self.n * self.h * 4
+            cap = (1 << (rows * row_bytes - 1).bit_length()) // row_bytes
+            self.stage = torch.empty(2, self.n, cap, self.h, pin_memory=True)
+        if acc is not None and (self.acc[acc] is None or self.acc[acc].size(0) < len(uniq)):
+            self.drain()  # the update reading the old buffer is done
+            self.acc[acc] = torch.empty(len(uniq) + len(uniq) // 4 + 16, self.W)
+            self.acc_rows[acc] = () if self.opt.gather else self.acc[acc].unbind(0)  # made once
+        return job
 
-    def _land(self, s, plane, positions, src, rows):
-        """Copy host rows src[rows] into plane `plane` of slot s's device buffer at `positions`
-        (worker thread). On CUDA: gathered into pinned staging, then an asynchronous copy."""
+    def _load(self, mb):
+        """Worker: micro-batch mb's rows into fresh per-layer device leaves (k, ffn_hidden). On CUDA: gathered
+        into its pinned plane, then asynchronous copies; returns the leaves and the event after the copies."""
+        tables = [self.table[:, self.cols(l)] for l in range(self.n)]
         if not self.cuda:
-            s.dev[plane].index_copy_(0, positions, src.index_select(0, rows))
-            return
-        staging = s.stage[plane][:len(rows)]
-        torch.index_select(src, 0, rows, out=staging)
-        dst = s.dev[plane]
-        if len(positions) == dst.size(0) or bool((positions == torch.arange(len(positions))).all()):
-            dst[:len(positions)].copy_(staging, non_blocking=True)  # all rows, in order: one copy
-        else:
-            dst.index_copy_(0, to_device(positions, self.device), staging.to(self.device, non_blocking=True))
+            return [t.index_select(0, mb.uniq) for t in tables], None
+        k, plane = len(mb.uniq), self.stage[mb.plane]
+        if self.plane_events[mb.plane] is not None:
+            self.plane_events[mb.plane].synchronize()  # the plane's last copy, in or out, is done
 
-    def _load(self, job, prev, mv_rows):
-        """Worker: the rows of `job` that do not come from the previous slot, and the moments of the
-        previous step's rows that the job shares (they are updated on the device). Returns the CUDA
-        event after the copies, recorded before it is handed to the main thread."""
-        s = self.slots[job.slot]
-        new = (~job.from_prev).nonzero().flatten()
-        copies = [(s, 0, new, self.table, job.uniq[new])]
-        if mv_rows is not None and len(mv_rows):
-            ps = self.slots[prev.slot]
-            ids = prev.uniq[mv_rows]
-            copies += [(ps, 1, mv_rows, self.opt.m, ids), (ps, 2, mv_rows, self.opt.v, ids)]
-        if not self.cuda:
-            for c in copies:
-                self._land(*c)
-            return None
-        for slot in {id(c[0]): c[0] for c in copies}.values():
-            if slot.staged is not None:
-                slot.staged.synchronize()  # the staging buffer's previous copy is done: it may be refilled
+        def gather(a, b):  # rows a..b of every layer into the plane
+            for t, staged in zip(tables, plane):
+                torch.index_select(t, 0, mb.uniq[a:b], out=staged[a:b])
+        self._split(k, gather)
         with torch.cuda.stream(self.h2d):
-            if s.free is not None:
-                self.h2d.wait_event(s.free)  # the step that last used this slot is done with it
-            for c in copies:
-                self._land(*c)
-            ev = torch.cuda.Event()
+            leaves = [torch.empty(k, self.h, device=self.device) for _ in range(self.n)]
+            for leaf, staged in zip(leaves, plane):
+                leaf.copy_(staged[:k], non_blocking=True)
+            ev = self.plane_events[mb.plane] = torch.cuda.Event(blocking=True)
             ev.record(self.h2d)
-        for c in copies:
-            c[0].staged = ev
-        return ev
+        return leaves, ev
 
     # ---- training: prefetch, rows, step -------------------------------------------------------
 
     def prefetch(self, xs):
-        """Queue the rows of the step whose micro-batches are xs (list of (B, T) CPU id tensors):
-        one step ahead of the step that runs."""
+        """Plan the step whose micro-batches are xs (list of (B, T) CPU id tensors), one step ahead of the
+        step that runs. Its rows are fetched now if no step is running, else once that step's update
+        reaches them (step())."""
         if self.queued is not None:
             raise RuntimeError("prefetch() twice without rows() between: the pipeline runs one step ahead at most")
-        self.queued = self._job(xs, self.current if self.train else None)
+        self.queued = self._plan(xs, self.n_jobs % 2 if self.train else None)
+        self.n_jobs += 1
+        if self.current is None:
+            for j in range(2):
+                self._gather(self.queued, j)
 
-    def _job(self, xs, prev):
-        uniq, inverses = unique_ids(xs)
-        from_prev = torch.zeros(len(uniq), dtype=torch.bool)
-        prev_pos, mv_rows = None, None
-        if prev is not None:
-            from_prev = torch.isin(uniq, prev.uniq)
-            prev_pos = torch.searchsorted(prev.uniq, uniq[from_prev])
-            prev.to_next = torch.isin(prev.uniq, uniq)
-            # the previous step updates its shared rows on the device: those it did not itself carry in
-            # need their moments there (their host copies are current: no host task touches them)
-            mv_rows = (prev.to_next & ~prev.from_prev).nonzero().flatten()
-        job = Job(uniq, inverses, self.next_slot, from_prev, prev_pos)
-        self.next_slot ^= 1
-        self._buffers(job.slot, len(uniq))
-        job.loaded = self.worker.submit(self._load, job, prev, mv_rows)
-        return job
+    def _gather(self, job, j):
+        """Queue the gather of job's micro-batch j, after the update of the rows it needs (the rows no
+        micro-batch needs go with the last), in order and once."""
+        if j != job.gathered or j >= len(job.micros):
+            return
+        last = j == len(job.micros) - 1
+        prev = self.updating
+        while prev is not None and prev.groups and (last or prev.groups[0][0] <= j):
+            self.worker.submit(*prev.groups.pop(0)[1])
+        mb = job.micros[j]
+        mb.plane, self.next_plane = self.next_plane, self.next_plane ^ 1
+        mb.loaded = self.worker.submit(self._load, mb)
+        job.gathered += 1
 
-    def _leaves(self, job):
-        ev = job.loaded.result()  # re-raises a failed host task here
+    def _leaves(self, mb):
+        leaves, ev = mb.loaded.result()  # re-raises a failed host task here
         if ev is not None:
-            torch.cuda.current_stream(self.device).wait_event(ev)
-        rows = self.slots[job.slot].dev[0][:len(job.uniq)]
-        return [rows[:, self.cols(l)].detach().requires_grad_(self.train) for l in range(self.n)]
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(ev)
+            for leaf in leaves:
+                leaf.record_stream(stream)  # allocated on the H2D stream, read on this one
+        mb.leaves = mark_dynamic([leaf.requires_grad_(self.train) for leaf in leaves])
+        return mb.leaves
 
     def rows(self):
-        """The queued step's rows: per micro-batch (stem_ids, stem_tables) for GPT.forward, the
-        inverse index and the per-layer (K, ffn_hidden) leaves."""
+        """The queued step's rows: per micro-batch (stem_ids, stem_tables) for GPT.forward, the inverse index
+        and the per-layer (k, ffn_hidden) leaves. An iterator: each micro-batch's rows are handed out when the
+        loop reaches it (after the previous one's backward), so only two are on the device at a time."""
         if self.queued is None:
             raise RuntimeError("rows() before prefetch(): queue the step's ids first")
-        job, self.queued = self.queued, None
-        job.leaves = self._leaves(job)
-        self.current = job
-        return [(to_device(inv, self.device), job.leaves) for inv in job.inverses]
+        self.current, self.queued = self.queued, None
+        if self.train:  # the step's gradient sums from zero (after the last update that read this buffer)
+            acc = self.acc[self.current.acc]
+            self.worker.submit(self._split, len(self.current.uniq), lambda a, b: acc[a:b].zero_())
+        return self._micro_batches(self.current)
 
-    def _mark_free(self, s):
+    def _micro_batches(self, job):
+        for j, mb in enumerate(job.micros):
+            if j:
+                self._send(job, job.micros[j - 1])  # its backward is queued: its gradient goes to the host
+            self._gather(job, j + 1)
+            yield to_device(mb.inverse, self.device), self._leaves(mb)
+
+    def _send(self, job, mb):
+        """Micro-batch mb's gradients to the host and into the step's gradient buffer (worker)."""
+        if mb.done or mb.leaves is None or not self.train:
+            return
+        grads, ev = [leaf.grad for leaf in mb.leaves], None
+        for leaf in mb.leaves:
+            leaf.grad = None
+        mb.leaves, mb.done = None, True
         if self.cuda:
-            s.free = torch.cuda.Event()
-            s.free.record(torch.cuda.current_stream(self.device))
-
-    def step(self, lr, max_norm):
-        """After backward: clip the compact gradient, update the shared rows on the device, carry
-        them into the next step's slot, and send the rest to the host. Returns the gradient norm."""
-        if self._last_host is not None and self._last_host.done():
-            self._last_host.result()  # re-raises a failed host update here rather than never
-        job, self.current = self.current, None
-        s, K = self.slots[job.slot], len(job.uniq)
-        grads = [leaf.grad for leaf in job.leaves]  # per layer (K, ffn_hidden)
-        job.leaves = None
-        norm = clip_joint_norm_(grads, max_norm)
-        self.steps += 1
-        g = torch.cat(grads, dim=1)  # (K, W), the packed layout
-        nxt = self.queued
-        to_next = job.to_next if job.to_next is not None else torch.zeros(K, dtype=torch.bool)
-        on_dev = job.from_prev | to_next
-        # 1. rows shared with a neighbouring step: AdamW on the device (their moments are there)
-        dev_rows = on_dev.nonzero().flatten()
-        if len(dev_rows):
-            if nxt is not None:
-                ev = nxt.loaded.result()  # the moments of the rows this step carried in fresh
-                if ev is not None:
-                    torch.cuda.current_stream(self.device).wait_event(ev)
-            pos = to_device(dev_rows, self.device)
-            pmv = s.dev[:, :K].index_select(1, pos)  # (3, rows, W): p, m, v
-            p, m, v = pmv.unbind(0)
-            adamw_([p], [g.index_select(0, pos)], [m], [v], self.steps, lr, **self.hyper)
-            s.dev[:, :K].index_copy_(1, pos, pmv)
-        # 2. the rows the next step shares: into its slot, device to device, in stream order
-        if nxt is not None and nxt.from_prev.any():
-            dst = to_device(nxt.from_prev.nonzero().flatten(), self.device)
-            self.slots[nxt.slot].dev.index_copy_(1, dst, s.dev.index_select(1, to_device(nxt.prev_pos, self.device)))
-        # 3. out to the host: gradients of the host-updated rows, p, m, v of the rows leaving the device
-        host_rows = (~on_dev).nonzero().flatten()
-        wb_rows = (job.from_prev & ~to_next).nonzero().flatten()
-        for k, rows in (("device", dev_rows), ("host", host_rows), ("written_back", wb_rows)):
-            self.counts[k] += len(rows)
-        wb_out = s.dev[:, :K].index_select(1, to_device(wb_rows, self.device))
-        if s.out_busy is not None:
-            s.out_busy.result()  # the host task of two steps ago has read this slot's `out`
-        ev, n = None, len(host_rows)
-        if not self.cuda:
-            torch.index_select(g, 0, host_rows, out=s.out[0][:n])
-        else:
-            g_out = g.index_select(0, to_device(host_rows, self.device))
+            k, plane = len(mb.uniq), self.stage[mb.plane]
             self.d2h.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.d2h):
-                s.out[0][:n].copy_(g_out, non_blocking=True)
-                # plane by plane, each contiguous: a strided pinned view would be copied through a
-                # pageable temporary, and that blocks the host until the copy (and the step) is done
-                for j in range(3):
-                    s.out[1 + j][:len(wb_rows)].copy_(wb_out[j], non_blocking=True)
-                for t in (g_out, wb_out):
-                    t.record_stream(self.d2h)  # allocated on the compute stream, read on this one
-                ev = torch.cuda.Event()
+                for g, staged in zip(grads, plane):
+                    staged[:k].copy_(g, non_blocking=True)
+                    g.record_stream(self.d2h)  # allocated on the compute stream, read on this one
+                ev = self.plane_events[mb.plane] = torch.cuda.Event(blocking=True)
                 ev.record(self.d2h)
-            wb_out = s.out[1:][:, :len(wb_rows)]
-        self._mark_free(s)  # every use of this slot's device buffer is queued by now
-        s.out_busy = self._last_host = self.worker.submit(  # the gradients: out[0][:n] and its row views
-            self._host_update, job.uniq[host_rows], s.out[0][:n], s.g_rows[:n], job.uniq[wb_rows], wb_out, ev,
-            self.steps, lr)
-        return norm
+            grads = [staged[:k] for staged in plane]
+        job.last = self.worker.submit(self._add, job, mb, grads, ev)
 
-    def _host_update(self, ids, g, g_rows, wb_ids, wb, ev, step, lr):
-        """Worker: host AdamW on the rows that did not stay on the device, and the write-back."""
+    def _add(self, job, mb, grads, ev):
+        """Worker: add a micro-batch's (k, ffn_hidden) gradients into the step's (K, W) buffer at its rows. A
+        row's sum runs over the micro-batches in order, from zero, as a resident leaf's gradient accumulates."""
+        acc = self.acc[job.acc]
         if ev is not None:
             ev.synchronize()  # the copies to pinned memory have landed
-        self.opt.update(ids, g, step, lr, **self.hyper, g_rows=g_rows)
-        if len(wb_ids):
-            self._write_back(wb_ids, wb)
 
-    def _write_back(self, ids, pmv):
-        """Rows ids of the host table and moments <- pmv (3, rows, W): p, m, v from the device."""
-        for t, rows in zip((self.table, self.opt.m, self.opt.v), pmv.unbind(0)):
-            t.index_copy_(0, ids, rows)
+        def add(a, b):  # rows a..b of the micro-batch, every layer: disjoint rows of acc, one thread each
+            for l, g in enumerate(grads):
+                acc[:, self.cols(l)].index_add_(0, mb.pos[a:b], g[a:b])
+        self._split(len(mb.pos), add)
+
+    def _split(self, n, fn):
+        """Worker: fn(a, b) on the row ranges [a, b) of n rows, one per thread of the pool."""
+        cuts = [n * i // self.threads for i in range(self.threads + 1)]
+        for job in [self.pool.submit(fn, a, b) for a, b in zip(cuts, cuts[1:]) if b > a]:
+            job.result()
+
+    def step(self, lr, max_norm):
+        """After backward: the last gradients to the host, the joint norm there, and the update queued in
+        groups in the order the next step needs its rows. Returns the gradient norm."""
+        job, self.current = self.current, None
+        for mb in job.micros:
+            self._send(job, mb)
+        if job.last is not None:
+            job.last.result()  # the step's gradient is summed (re-raises a failed host task here)
+        K, acc = len(job.uniq), self.acc[job.acc]
+        norm, coef = joint_norm([acc[:K, self.cols(l)] for l in range(self.n)], max_norm)
+        self.steps += 1
+        self._flush()  # the previous step's update, if a step without a successor left any behind
+        need = torch.full((K,), len(self.queued.micros) if self.queued else 0)
+        for j, mb in reversed(list(enumerate(self.queued.micros if self.queued else []))):
+            need[torch.isin(job.uniq, mb.uniq)] = j  # the first micro-batch of the next step needing each row
+        hyper = (coef, self.steps, lr)
+        job.groups = [(j, (self._update, job, rows, hyper)) for j in need.unique().tolist()
+                      for rows in [(need == j).nonzero().flatten()]]
+        self.updating = job
+        if self.queued is not None:
+            for j in range(2):
+                self._gather(self.queued, j)
+        else:
+            self._flush()
+        return norm.to(self.device)  # where the loss is: train.py stacks them
+
+    def _update(self, job, rows, hyper):
+        """Worker: host AdamW on the step's rows `rows` (positions among its unique ids), clipped by coef."""
+        coef, step, lr = hyper
+        acc = self.acc[job.acc]
+        if self.opt.gather:  # narrow rows: gathered, as RowAdamW gathers them
+            self.opt.update(job.uniq[rows], acc.index_select(0, rows).mul_(coef), step, lr, **self.hyper)
+            return
+        g_rows = [self.acc_rows[job.acc][r] for r in rows.tolist()]
+        self._split(len(g_rows), lambda a, b: torch._foreach_mul_(g_rows[a:b], coef))  # elementwise: g.mul_'s bits
+        self.opt.update(job.uniq[rows], None, step, lr, **self.hyper, g_rows=g_rows)
+
+    def _flush(self):
+        """Queue whatever is left of the last step's update."""
+        while self.updating is not None and self.updating.groups:
+            self.worker.submit(*self.updating.groups.pop(0)[1])
 
     def drain(self):
-        """Wait for every queued host task and the device's queued work: a barrier for timing
-        (bench.py). Unlike sync() it copies nothing back, so the host tables may still be stale."""
+        """Every update queued and done, and the device's queued work: a barrier for timing (bench.py)."""
+        self._flush()
         self.worker.submit(lambda: None).result()
-        if self._last_host is not None:
-            self._last_host.result()
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
-    def sync(self):
-        """Wait for every queued host task, then make the host copies current: rows carried into the
-        queued step live on the device, so their p, m, v are copied back (the device keeps them).
-        Call before evaluating, saving or reading the tables."""
-        self.drain()
-        nxt = self.queued
-        if self.train and nxt is not None and nxt.from_prev.any():
-            ev = nxt.loaded.result()
-            if ev is not None:
-                torch.cuda.current_stream(self.device).wait_event(ev)
-            pos = nxt.from_prev.nonzero().flatten()
-            vals = self.slots[nxt.slot].dev.index_select(1, to_device(pos, self.device)).cpu()  # waits for it
-            self._write_back(nxt.uniq[pos], vals)
+    sync = drain  # the host table is current once every update has run: no row lives on the device
 
     # ---- plain lookups (evaluation) and generation ------------------------------------------
 
@@ -359,33 +362,30 @@ class OffloadedTables(Tables):
         return inv.to(self.device), [rows[:, self.cols(l)] for l in range(self.n)]
 
     def prefetch_prompt(self, stem_ids, chunk):
-        """Queue the prompt's chunks; stem_fn serves each from its prefetched slot, and asks for the
-        chunk after next while the current one computes."""
-        self.prompt_jobs, self._reading = {}, None
-        self._chunks = [(pos, stem_ids[:, pos:pos + chunk]) for pos in range(0, stem_ids.size(1), chunk)]
-        for pos, ids in self._chunks[:2]:
-            self._queue_chunk(pos, ids)
+        """Queue the prompt's first two chunks; stem_fn serves each from its fetched rows, and queues the
+        next chunk while the current one computes."""
+        self.prompt_jobs = {}
+        self._chunks = [(pos, stem_ids[:, pos:pos + chunk].cpu()) for pos in range(0, stem_ids.size(1), chunk)]
+        for _ in range(2):
+            self._queue_chunk()
 
-    def _queue_chunk(self, pos, ids):
-        self.prompt_jobs[pos] = (ids.cpu(), self._job([ids.cpu()], None))
+    def _queue_chunk(self):
+        if self._chunks:
+            pos, ids = self._chunks.pop(0)
+            job = self._plan([ids])
+            self._gather(job, 0)
+            self.prompt_jobs[pos] = (ids, job.micros[0])
 
     def stem_fn(self, ids, pos):
-        """For GPT.generate(stem_fn=...): (stem_ids, stem_tables) for prefill chunks from prefetched
-        slots (or a plain lookup), for decode steps (one token) from the row cache."""
-        if self._reading is not None:  # the previous chunk's forward pass is queued: its slot may be refilled
-            self._mark_free(self._reading)
-            self._reading = None
-            later = [c for c in self._chunks if c[0] >= pos and c[0] not in self.prompt_jobs]
-            if later:
-                self._queue_chunk(*later[0])
+        """For GPT.generate(stem_fn=...): (stem_ids, stem_tables) for prefill chunks from their fetched rows
+        (or a plain lookup), for decode steps (one token) from the row cache."""
         if ids.size(1) == 1 and self.cache is not None:
             return self.cache.rows(ids)
         queued = self.prompt_jobs.pop(pos, None)
+        self._queue_chunk()  # the chunk after next, while this one computes
         if queued is None or not torch.equal(queued[0], ids.cpu()):
             return self.lookup(ids)
-        job = queued[1]
-        self._reading = self.slots[job.slot]
-        return to_device(job.inverses[0], self.device), self._leaves(job)
+        return to_device(queued[1].inverse, self.device), self._leaves(queued[1])
 
     # ---- checkpoints: the same keys and formats as a resident model ---------------------------
 

@@ -10,54 +10,70 @@ The STEM tables and their optimizer, behind one interface, wherever the tables l
     tables.sync()             # before evaluating or saving: every queued update has landed
     tables.drain()            # a barrier for timing: queued work done, nothing copied back
 
-Both placements place the model on the device themselves (offload must take the tables out first)
-and write checkpoints with the same keys, so a run can switch placement on resume.
+Both placements place the model on the device themselves (offload must take the tables out first) and write
+checkpoints with the same keys, so a run can switch placement on resume.
 
 Two table optimizers (the paper trains its tables with AdamW like every other weight):
-- dense: torch.optim.AdamW over whole tables, the paper's recipe. Rows absent from the batch still
-  move (momentum, weight decay), so every row is read and written each step, and backward builds a
-  (vocab, ffn_hidden) gradient per table.
-- lazy: a row-sparse AdamW. Only the rows whose ids are in the step change, weight decay included;
-  the moments of absent rows are untouched. A different optimizer, and the one that makes offload
-  cheap. It never builds a (vocab, ffn_hidden) gradient: per step, torch.unique gives the K unique
-  ids and the inverse index (position -> row); each STEM layer gets a (K, ffn_hidden) leaf tensor
-  holding its table's rows and looks them up by the inverse index: the same F.embedding as a plain
-  lookup, into a smaller table (GPT.forward's stem_ids and stem_tables). Backward leaves a compact
-  (K, ffn_hidden) gradient per layer, and `RowAdamW` updates exactly those K rows in place.
-  offload.py uses the same unique ids, the same leaves and the same RowAdamW, so the two
-  placements are bit-identical on the CPU (tested).
+- dense: torch.optim.AdamW over whole tables, the paper's recipe. Rows absent from the batch still move (momentum,
+  weight decay), so every row is read and written each step, and backward builds a (vocab, ffn_hidden) gradient
+  per table.
+- lazy: a row-sparse AdamW. Only the rows whose ids are in the step change, weight decay included; the moments of
+  absent rows are untouched. A different optimizer, and the one that makes offload cheap. It never builds a
+  (vocab, ffn_hidden) gradient: per step, torch.unique gives the K unique ids and the inverse index (position ->
+  row); each STEM layer gets a (K, ffn_hidden) leaf tensor holding its table's rows and looks them up by the
+  inverse index: the same F.embedding as a plain lookup, into a smaller table (GPT.forward's stem_ids and
+  stem_tables). Backward leaves a compact (K, ffn_hidden) gradient per layer, and `RowAdamW` updates exactly those
+  K rows in place. offload.py fetches each micro-batch's rows alone, sums their gradients into the step's K rows on
+  the host and runs the same RowAdamW: the two placements are bit-identical on the CPU (tested).
 
-Under DDP (resident only) the ranks agree on the union of their ids before the step, so that the
-compact gradients line up row for row and can be all-reduced; every rank updates the same rows.
+Under DDP (resident only) the ranks agree on the union of their ids before the step, so that the compact gradients
+line up row for row and can be all-reduced; every rank updates the same rows.
 """
 
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import torch.distributed as dist
 
 
 def adamw_(params, grads, exp_avgs, exp_avg_sqs, step, lr, betas, eps, weight_decay):
-    """One AdamW step, in place, on lists of matching tensors, with the fused kernel that
-    torch.optim.AdamW(fused=True) runs (decoupled weight decay, bias correction by `step`). The
-    kernel is elementwise and cuts its work at multiples of 16 values, so a value's result does not
-    depend on how the rows are grouped into tensors (row views, gathered blocks, packed layers)
-    when the row widths are multiples of 16, as every width in this repo is."""
+    """One AdamW step, in place, on lists of matching tensors, with the fused kernel that torch.optim.AdamW(fused=True)
+    runs (decoupled weight decay, bias correction by `step`). The kernel is elementwise and cuts its work at multiples
+    of 16 values, so a value's result does not depend on how the rows are grouped into tensors (row views, gathered
+    blocks, packed layers) when the row widths are multiples of 16, as every width in this repo is."""
     if params:
-        steps = [torch.full((), float(step), dtype=torch.float32, device=params[0].device)] * len(params)  # read, not written
+        steps = [torch.full((), float(step), device=params[0].device)] * len(params)  # read, not written
         torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=betas[0],
                             beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
 
 
+def joint_norm(grads, max_norm):
+    """The joint norm of grads (per layer (K, ffn_hidden), or views) and torch's clip factor min(1, max_norm / norm),
+    summed from per-row norms: a row's norm has the same bits in a (K, ffn_hidden) block (resident) as in a packed
+    (K, n_stem * ffn_hidden) buffer (offload), where a whole-tensor reduction's would not."""
+    rows = torch.cat([torch.linalg.vector_norm(g, dim=1) for g in grads])  # (n_stem * K,)
+    total = torch.linalg.vector_norm(rows)
+    return total, torch.clamp(max_norm / (total + 1e-6), max=1.0)
+
+
 def clip_joint_norm_(grads, max_norm):
-    """Scale grads in place by min(1, max_norm / joint norm), as torch.nn.utils.clip_grad_norm_ does,
-    and return the norm. Both placements hand in the same per-layer (K, ffn_hidden) blocks, so
-    they clip bit-identically."""
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in grads:
-        g.mul_(coef)
+    """Scale grads in place by the clip factor (as torch.nn.utils.clip_grad_norm_) and return the norm."""
+    total, coef = joint_norm(grads, max_norm)
+    torch._foreach_mul_(grads, coef)  # elementwise: the bits of g.mul_(coef)
     return total
+
+
+def mark_dynamic(leaves):
+    """K changes every step: dynamic, so that a compiled model compiles once (if compile loaded dynamo: seconds)."""
+    for leaf in leaves if "torch._dynamo" in sys.modules else []:
+        torch._dynamo.mark_dynamic(leaf, 0)
+    return leaves
+
+
+def nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def _single_thread():
@@ -71,15 +87,14 @@ class RowAdamW:
     """Lazy AdamW on chosen rows of a (V, W) table `p`, with moments m and v beside it.
 
     Two ways, the same bits (the kernel is elementwise; see adamw_):
-    - wide rows on the CPU (W >= 1,024 values: 4 KiB and up, e.g. offload's packed rows): in place on
-      row views (no gather, no scatter), the rows split over `threads` threads with one intra-op
-      thread each: the fused kernel opens a parallel region per tensor, which costs more than a row's
-      work when a row is a few KiB. The views of p, m, v are made once (a microsecond or two a row).
-    - narrow rows on the CPU, and every row on CUDA: gather the rows of p, m, v into a persistent
-      block, run the kernel once, scatter them back. For narrow rows the per-row kernel calls cost
-      more than the copies (measured on a 2-core CPU: the crossover near 1,024 values, the gather
-      about twice as fast at 512); the GPU's memory is fast enough that the copies cost nothing next
-      to the step."""
+    - wide rows on the CPU (W >= 1,024 values: 4 KiB and up, e.g. offload's packed rows): in place on row views
+      (no gather, no scatter), the rows split over `threads` threads with one intra-op thread each: the fused
+      kernel opens a parallel region per tensor, which costs more than a row's work when a row is a few KiB. The
+      views of p, m, v are made once (a microsecond or two a row).
+    - narrow rows on the CPU, and every row on CUDA: gather the rows of p, m, v into a persistent block, run the
+      kernel once, scatter them back. For narrow rows the per-row kernel calls cost more than the copies (measured
+      on a 2-core CPU: the crossover near 1,024 values, the gather about twice as fast at 512); the GPU's memory
+      is fast enough that the copies cost nothing next to the step."""
 
     def __init__(self, p, threads=None):
         self.p, self.m, self.v = p, torch.zeros_like(p), torch.zeros_like(p)
@@ -94,9 +109,8 @@ class RowAdamW:
 
     @torch.no_grad()
     def update(self, ids, g, step, lr, betas, eps, weight_decay, g_rows=None):
-        """AdamW on rows ids (K,) of p, m, v with their gradient g (K, W). g_rows: optionally g's row
-        views, made once by a caller whose gradient buffer is reused (offload.py): making 10,000 views
-        costs about a third of their update."""
+        """AdamW on rows ids (K,) of p, m, v with their gradient g (K, W). g_rows: instead of g, its rows as views
+        made once by a caller that reuses its buffer (offload.py): making 10,000 views costs a third of their update."""
         hyper = (step, lr, betas, eps, weight_decay)
         if self.gather:
             ids, K = ids.to(self.p.device), len(ids)
@@ -124,8 +138,7 @@ class RowAdamW:
 
 
 def unique_ids(xs):
-    """The unique ids (K,) of a step's micro-batches xs (list of (B, T) CPU tensors), sorted, and
-    for each micro-batch the inverse index (B, T) into them."""
+    """The sorted unique ids (K,) of a step's micro-batches xs (list of (B, T) CPU tensors), and each one's inverse."""
     ids = torch.cat([x.reshape(-1) for x in xs])
     uniq, inverse = torch.unique(ids, sorted=True, return_inverse=True)
     return uniq, [inv.view(x.shape) for inv, x in zip(inverse.split([x.numel() for x in xs]), xs)]
@@ -133,15 +146,12 @@ def unique_ids(xs):
 
 def to_device(t, device):
     """A CPU tensor to the device without stalling the host: pinned, then an asynchronous copy."""
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
+    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t
 
 
 class Tables:
-    """What both placements share: the hyperparameters, the step count and the lazy optimizer's
-    checkpoint format (one entry per STEM layer: step, exp_avg, exp_avg_sq; the format of the
-    resident run, so that placements interchange on resume)."""
+    """What both placements share: the hyperparameters, the step count and the lazy optimizer's checkpoint format
+    (one entry per STEM layer: step, exp_avg, exp_avg_sq, as a resident run's: placements interchange on resume)."""
 
     def __init__(self, model, optimizer, weight_decay, betas, eps):
         if optimizer not in ("dense", "lazy"):
@@ -201,7 +211,6 @@ class ResidentTables(Tables):
     def _ids(self, xs):
         uniq, inverses = unique_ids(xs)
         if self.ddp:  # the union of every rank's ids, so that the compact gradients line up
-            import torch.distributed as dist
             mask = torch.zeros(self.V, device=self.device)
             mask[uniq.to(self.device)] = 1
             dist.all_reduce(mask)
@@ -216,7 +225,7 @@ class ResidentTables(Tables):
             return [(None, None)] * n_micro  # dense (or no STEM layers): the model looks its rows up itself
         uniq, inverses = ids
         # (K, ffn) per layer; index_select, not t[uniq]: advanced indexing is ~20x slower on the CPU
-        leaves = [t.index_select(0, uniq).requires_grad_() for t in self.tables]
+        leaves = mark_dynamic([t.index_select(0, uniq).requires_grad_() for t in self.tables])
         self.current = (uniq, leaves)
         return [(inv, leaves) for inv in inverses]
 
@@ -231,11 +240,9 @@ class ResidentTables(Tables):
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             return norm
-        uniq, leaves = self.current
-        self.current = None
+        (uniq, leaves), self.current = self.current, None
         grads = [leaf.grad for leaf in leaves]
         if self.ddp:  # averaged over ranks, as DDP averages the backbone's gradients
-            import torch.distributed as dist
             for g in grads:
                 dist.all_reduce(g)
                 g.div_(dist.get_world_size())
@@ -244,13 +251,20 @@ class ResidentTables(Tables):
             opt.update(uniq, g, self.steps, lr, **self.hyper)
         return norm
 
-    def sync(self):
-        pass  # resident updates run in the caller's order
+    def sync(self):  # resident updates run in the caller's order; drain: the timing barrier, nothing behind here
+        pass
 
-    drain = sync  # the timing barrier (offload's waits for its threads; here there is nothing behind)
+    drain = sync
 
     def lookup(self, ids):
         return None, None  # the model looks its rows up itself
+
+    def held_bytes(self):
+        """Bytes of the tensors held on the device now (lazy): tables, moments, update block, the step's leaves and
+        their gradients; offload.device_bytes predicts it. Ids are not counted."""
+        leaves = self.current[1] if self.current else []
+        opts = [t for o in self.opts for t in (o.m, o.v, o.block)] if self.lazy and self.tables else []
+        return nbytes(self.tables + opts + leaves + [x.grad for x in self.tables + leaves])
 
     stem_fn = None  # for GPT.generate: plain lookups
 

@@ -164,16 +164,15 @@ def make_encoding(ranks, name="nanostem"):
 
 def load_tokenizer(data_dir):
     """The tiktoken Encoding a prepared data folder was made with (its tokenizer.tiktoken)."""
-    fix = f"prepare it again (python prepare_data.py ... --out_dir={data_dir} --force)"
+    if not os.path.isfile(os.path.join(data_dir, "meta.json")):
+        raise UserError(f"no prepared data in {data_dir} (meta.json missing): prepare it first "
+                        f"(python prepare_data.py --help)")
     try:
         with open(os.path.join(data_dir, "meta.json")) as f:
             meta = json.load(f)
         enc = make_encoding(load_ranks(os.path.join(data_dir, meta["tokenizer"]["file"])))
-    except FileNotFoundError as e:
-        raise UserError(f"{data_dir} has no prepared tokenizer ({os.path.basename(e.filename)} missing): "
-                        f"prepare the data first (python prepare_data.py --help)") from None
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"{data_dir}: its tokenizer is unreadable: {fix}") from None
-    if enc.eot_token != meta.get("eot_id"):
-        raise UserError(f"{data_dir}: tokenizer file and meta.json disagree: {fix}")
+        assert enc.eot_token == meta["eot_id"], "the tokenizer file and meta.json disagree"
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise UserError(f"{data_dir} is damaged (its tokenizer is missing or unreadable): prepare it again "
+                        f"(python prepare_data.py ... --out_dir={data_dir} --force)") from None
     return enc

@@ -165,8 +165,8 @@ def _expected(cfg, ffn, n):
 
 
 @pytest.mark.parametrize("ffn", VARIANTS)
-@pytest.mark.parametrize("kw", [dict(stem_layers="all"), dict(stem_layers="1,3"), dict(stem_layers="2", tie_embeddings=True),
-                                dict(stem_layers="third", moe_experts=3)])
+@pytest.mark.parametrize("kw", [dict(stem_layers="all"), dict(stem_layers="1,3"),
+                                dict(stem_layers="2", tie_embeddings=True), dict(stem_layers="third", moe_experts=3)])
 def test_accounting_equals_hand_formulas(ffn, kw):
     cfg = _cfg(ffn, **kw)
     m = GPT(cfg)
@@ -272,7 +272,7 @@ def test_each_variant_trains_on_a_repeating_batch(ffn):
     m = GPT(cfg)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(3)
-    x, y = torch.randint(0, cfg.vocab_size, (4, 16), generator=g), torch.randint(0, cfg.vocab_size, (4, 16), generator=g)
+    x, y = (torch.randint(0, cfg.vocab_size, (4, 16), generator=g) for _ in range(2))
     losses = []
     for _ in range(20):
         _, loss = m(x, y)

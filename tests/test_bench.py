@@ -1,25 +1,33 @@
-"""bench.py: argument handling and the shape of its JSON line (timings are never asserted)."""
+"""bench.py: argument handling, the arithmetic behind its figures and the shape of its JSON line (timings
+are never asserted). The modes run in-process; train mode's children and the error line are subprocesses."""
 import json
 import os
+import subprocess
+from contextlib import nullcontext
 
 import pytest
-import torch
 
-from conftest import TINY, _train_inproc, assert_user_error, run  # noqa: F401
+from conftest import assert_user_error, run
+
+import bench
+from configurator import UserError
+from model import GPT, GPTConfig
 
 SMALL = ["--device=cpu", "--burn_in=0", "--steps=1", "--n_layer=2", "--n_head=2", "--n_embd=32", "--ffn_hidden=64",
          "--block_size=32", "--batch_size=4"]
 
 
-def last_json(p):
-    return json.loads(p.stdout.strip().splitlines()[-1])
+def bench_json(capsys, *args):
+    capsys.readouterr()
+    bench.main(list(args))
+    out = capsys.readouterr().out
+    return json.loads(out.strip().splitlines()[-1]), out
 
 
-def test_ffn_mode_json_shape():
-    p = run("bench.py", "--mode=ffn", "--device=cpu", "--shapes=16x32x64,32x64x32", "--burn_in=0", "--steps=1",
-            "--table_vocab=100")
-    assert p.stdout.startswith("# nanoSTEM bench --mode ffn")
-    res = last_json(p)
+def test_ffn_mode_json_shape(capsys):
+    res, out = bench_json(capsys, "--mode=ffn", "--device=cpu", "--shapes=16x32x64,32x64x32", "--burn_in=0",
+                          "--steps=1", "--table_vocab=100")
+    assert out.startswith("# nanoSTEM bench --mode ffn")
     assert res["mode"] == "ffn" and len(res["ffn"]) == 2
     r = res["ffn"][1]
     assert (r["n_embd"], r["ffn_hidden"], r["tokens"]) == (32, 64, 32)
@@ -28,33 +36,76 @@ def test_ffn_mode_json_shape():
     assert abs(r["floor_ratio"] - r["floor_ms"] / r["swiglu_ms"]) < 1e-9
 
 
-def test_train_mode_one_variant_and_nothing_to_run(facts):
-    res = last_json(run("bench.py", "--mode=train", f"--data_dir={facts}", "--variants=swiglu", *SMALL))
-    assert [r["variant"] for r in res["train"]] == ["swiglu"] and res["train"][0]["vs_swiglu"] == 1.0
-    assert_user_error(run("bench.py", "--mode=train", f"--data_dir={facts}", "--ffn=swiglu", "--variants=stem-lazy",
-                          *SMALL, ok=False), "nothing to run")
-
-
-def test_train_mode_runs_every_variant(facts):
-    res = last_json(run("bench.py", "--mode", "train", f"--data_dir={facts}", "--peak_flops=1e12", "--repeats", "3",
-                        *SMALL, "--steps=3", "--turn=2"))
-    names = [r["variant"] for r in res["train"]]
-    assert names == ["swiglu", "stem-dense", "stem-lazy", "stem-offload"]
+def test_train_mode_in_child_processes(facts, capsys):
+    # the real protocol: one speed child timing both variants in turns, one memory child per variant
+    res, out = bench_json(capsys, "--mode", "train", f"--data_dir={facts}", "--variants=swiglu,stem-offload",
+                          "--peak_flops=1e12", "--grad_accum=2", *SMALL, "--steps=2", "--turn=1")
+    assert [r["variant"] for r in res["train"]] == ["swiglu", "stem-offload"]
+    assert res["grad_accum"] == 2 and res["compile"] is False and "CPU: compile time outweighs" in out
+    assert res["peak_flops"] == 1e12 and res["peak_flops_source"] == "--peak_flops"
     for r in res["train"]:
-        runs = r["step_s_runs"]
-        assert len(runs) == 3 and abs(r["step_ms"] - sorted(runs)[1] * 1e3) < 1e-9  # the median child
-        assert r["peak_mem_mib"] > 0
-        assert abs(r["tok_per_s"] * r["step_ms"] / 1e3 - 4 * 32) < 1e-6
+        assert len(r["step_s_runs"]) == 1 and r["peak_mem_mib"] > 0
+        assert abs(r["tok_per_s"] * r["step_ms"] / 1e3 - 2 * 4 * 32) < 1e-6  # grad_accum x batch x block tokens
         assert abs(r["mfu"] - r["train_flops_per_token"] * r["tok_per_s"] / 1e12) < 1e-12
-    lazy, off = res["train"][2], res["train"][3]
-    # the ratio is the median of the per-child ratios (side by side), not the ratio of the medians
-    per_child = sorted(a / b for a, b in zip(lazy["step_s_runs"], off["step_s_runs"]))
-    assert off["vs_stem_lazy"] == per_child[1]
+    assert res["train"][0]["vs_swiglu"] == 1.0 and res["train"][1]["vs_stem_lazy"] is None
     assert res["train"][0]["train_flops_per_token"] > res["train"][1]["train_flops_per_token"]  # STEM: fewer
+    with pytest.raises(UserError, match="nothing to run"):
+        bench.main(["--mode=train", f"--data_dir={facts}", "--ffn=swiglu", "--variants=stem-lazy", *SMALL])
+    with pytest.raises(UserError, match="'stem-fast' not one of"):
+        bench.main(["--mode=train", f"--data_dir={facts}", "--variants=swiglu,stem-fast", *SMALL])
 
 
-def test_timed_turns_counts_every_step_and_drains_each_turn(monkeypatch):
-    import bench
+def test_trainer_steps_take_grad_accum_micro_batches(facts, monkeypatch):
+    bc = bench.BenchConfig(data_dir=facts, batch_size=4, grad_accum=3)
+    mc = GPTConfig(n_layer=2, n_head=2, n_embd=32, ffn_hidden=64, block_size=32, vocab_size=8)
+    step, drain, flops = bench.trainer("stem-lazy", bc, mc, "cpu", nullcontext())
+    draws, forwards, real_get, real_forward = [], [], bench.Batches.get, GPT.forward
+    monkeypatch.setattr(bench.Batches, "get", lambda self, *a, **k: draws.append(1) or real_get(self, *a, **k))
+
+    def counted_forward(self, x, *a, **k):
+        forwards.append(x.shape)
+        return real_forward(self, x, *a, **k)
+    monkeypatch.setattr(GPT, "forward", counted_forward)
+    step()
+    drain()
+    # one step: 3 forward passes of (4, 32) windows, and the next step's 3 micro-batches drawn ahead
+    assert forwards == [(4, 32)] * 3 and len(draws) == 3 and flops > 0
+
+
+def test_run_variants_takes_medians_of_the_children(monkeypatch):
+    # stand-in children: the speed children report these step times in turn, the memory children a peak per variant
+    speed = iter([{"swiglu": 1.0, "stem-lazy": 4.0}, {"swiglu": 2.0, "stem-lazy": 2.0},
+                  {"swiglu": 6.0, "stem-lazy": 3.0}])
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        role, variant = cmd[-2].split("=")[1], cmd[-1].split("=")[1]
+        out = ({v: dict(step_s=t, train_flops_per_token=7.0) for v, t in next(speed).items()} if role == "speed"
+               else dict(peak_mem_mib={"swiglu": 10.0, "stem-lazy": 20.0}[variant]))
+        return subprocess.CompletedProcess(cmd, 0, "# a header\n" + json.dumps(out) + "\n", "")
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    a, b = bench.run_variants(["--steps=3", "--mode=offload"], ["swiglu", "stem-lazy"], 3, tokens=100, peak=1e3)
+    # a child gets the parent's arguments, then its own keys (the later --mode wins)
+    assert calls[0][2:] == ["--steps=3", "--mode=offload", "--mode=train", "--child=speed",
+                            "--variant=swiglu,stem-lazy"]
+    assert [c[-1] for c in calls[3:]] == ["--variant=swiglu", "--variant=stem-lazy"]  # memory: each variant alone
+    assert a["step_s_runs"] == [1.0, 2.0, 6.0] and a["step_ms"] == 2000.0 and a["tok_per_s"] == 50.0
+    assert b["step_ms"] == 3000.0 and (a["peak_mem_mib"], b["peak_mem_mib"]) == (10.0, 20.0)
+    assert a["mfu"] == 7.0 * 50.0 / 1e3 and a["vs_swiglu"] == 1.0 and b["vs_stem_lazy"] == 1.0
+    # stem-lazy against swiglu: the median of the per-child ratios 1/4, 2/2, 6/3 is 1.0 (not the ratio of the
+    # medians, 2/3); swiglu against stem-lazy: the median of 4, 1, 0.5
+    assert b["vs_swiglu"] == 1.0 and a["vs_stem_lazy"] == 1.0
+    speed = iter([{"swiglu": 1.0, "stem-lazy": 4.0}])
+    a, b = bench.run_variants([], ["swiglu", "stem-lazy"], 1, tokens=100, peak=None)
+    assert (b["vs_swiglu"], a["vs_stem_lazy"], a["mfu"]) == (0.25, 4.0, None)
+    monkeypatch.setattr(bench.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "error: boom\n"))
+    with pytest.raises(UserError, match="variant swiglu failed: error: boom"):
+        bench.run_variants([], ["swiglu"], 1, tokens=100, peak=None)
+
+
+def test_timed_in_turns_counts_every_step_and_drains_each_turn(monkeypatch):
     clock, calls, drained = [0.0], [], []
     monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
     # seconds each call takes on a fake clock, by call number: burn-in and refill steps cost 100 (never
@@ -66,65 +117,78 @@ def test_timed_turns_counts_every_step_and_drains_each_turn(monkeypatch):
         clock[0] += cost.get(len(calls), 100)
     fns = {k: (lambda k=k: step(k)) for k in "ab"}
     drains = {k: (lambda k=k: drained.append((k, len(calls)))) for k in "ab"}
-    dt = bench.timed_turns(fns, drains, "cpu", burn_in=1, steps=5, turn=2)
+    dt = bench.timed(fns, "cpu", burn_in=1, steps=5, turn=2, drains=drains)
     # burn-in a, b; then turns of 2, 2, 1 timed steps, each after one untimed refill step, a before b
     assert "".join(calls) == "a" + "b" + "aaabbb" + "aaabbb" + "aabb"
     assert drained == [("a", 1), ("b", 2), ("a", 5), ("b", 8), ("a", 11), ("b", 14), ("a", 16), ("b", 18)]
     assert dt == {"a": 3.0, "b": 2.0}  # a: the median of the turns' means 3, 1, 8 (not their mean, 4)
 
 
-def test_offload_and_decode_modes_on_cpu(facts, tmp_path):
-    p = run("bench.py", "--mode=offload", f"--data_dir={facts}", "--shape=model", *SMALL)
-    assert "PREDICTED" in p.stdout and "predicted, not measured" in p.stdout
-    res = last_json(p)
-    assert res["ids"]["tokens_per_step"] == 4 * 32 and 0 < res["ids"]["unique"] <= 128 and 0 <= res["ids"]["shared"] <= 1
+def test_peak_flops_by_gpu_variant(monkeypatch):
+    names = {"NVIDIA H100 80GB HBM3": "H100 SXM", "NVIDIA H100 PCIe": "H100 PCIe", "NVIDIA H100 NVL": "H100 NVL",
+             "NVIDIA H200": "H200", "NVIDIA H200 NVL": "H200 NVL", "NVIDIA A100-SXM4-80GB": "A100",
+             "NVIDIA A100 80GB PCIe": "A100", "NVIDIA L4": "L4", "NVIDIA GeForce RTX 4090": "RTX 4090",
+             "NVIDIA L40S": None, "NVIDIA GH200 480GB": None, "NVIDIA GeForce RTX 3090": None, "Tesla T4": None}
+    peaks = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H200 NVL": 835e12,
+             "A100": 312e12, "L4": 121e12, "RTX 4090": 165e12}
+    asked, bc = [], bench.BenchConfig()
+    for name, variant in names.items():
+        monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda d, name=name: asked.append(d) or name)
+        peak, source = bench.peak_flops(bc, "cuda:1")
+        assert peak == peaks.get(variant) and name in source, (name, peak, source)
+        assert f"{variant} bf16 dense" in source if variant else "--peak_flops" in source  # unknown: why, and the fix
+    assert set(asked) == {"cuda:1"}  # the device asked for, not the current one
+    assert bench.peak_flops(bench.BenchConfig(peak_flops=5e14), "cuda") == (5e14, "--peak_flops")
+    assert bench.peak_flops(bc, "cpu")[0] is None
+
+
+def test_cuda_calls_name_their_device(monkeypatch):
+    # --device=cuda:1: synchronize and the peak-memory statistics must ask cuda:1, not the current device
+    seen = []
+    for fn in ("synchronize", "reset_peak_memory_stats", "max_memory_allocated"):
+        monkeypatch.setattr(bench.torch.cuda, fn, lambda d=None, fn=fn: seen.append((fn, d)) or 2**20)
+    bench.timed({"a": lambda: None}, "cuda:1", burn_in=0, steps=1)
+    steps = []
+    monkeypatch.setattr(bench, "trainer", lambda *a: (lambda: steps.append(1), lambda: None, 1.0))
+    bc = bench.BenchConfig(child="memory", variant="swiglu", burn_in=0)
+    assert bench.train_child(bc, None, "cuda:1", None) == dict(peak_mem_mib=1.0) and len(steps) == 2
+    assert seen == [("synchronize", "cuda:1")] * 2 + [("reset_peak_memory_stats", "cuda:1"),
+                                                      ("max_memory_allocated", "cuda:1")]
+
+
+def test_offload_and_decode_modes_on_cpu(facts, tmp_path, capsys):
+    res, out = bench_json(capsys, "--mode=offload", f"--data_dir={facts}", "--shape=model", *SMALL)
+    assert "PREDICTED" in out and "predicted, not measured" in out
+    ids = res["ids"]
+    assert ids["tokens_per_step"] == 4 * 32 and 0 < ids["unique"] <= 128 and 0 <= ids["shared"] <= 1
     assert res["ids"]["used_unique"] == res["ids"]["unique"]  # the data's vocabulary fits the shape: measured K
     for k in ("gather_gbps", "host_update_gbps", "fused_floor_gbps", "scatter_gbps"):
         assert res[k] > 0
     assert res["host_update_vs_floor"] == res["host_update_gbps"] / res["fused_floor_gbps"]
     pred = res["predicted"][0]
     assert pred["n_stem"] == 1 and pred["row_floats"] == 64 and pred["tokens_per_step"] == 4 * 32
+    assert pred["peak_flops"] == bench.PEAK_FLOPS["H200"] and res["peak_flops"] is None  # CPU: an H200 is modelled
     assert abs(pred["gpu_step_ms"] - pred["train_flops_per_token"] * 128 / (0.5 * pred["peak_flops"]) * 1e3) < 1e-9
     assert 0 < res["predicted_ratio"] <= 1 and "measured" not in res
-    res = last_json(run("bench.py", "--mode=decode", f"--data_dir={facts}", "--cache_sizes=4,64", "--decode_tokens=5",
-                        f"--plot_dir={tmp_path}", *SMALL))
+    res, _ = bench_json(capsys, "--mode=decode", f"--data_dir={facts}", "--cache_sizes=4,64", "--decode_tokens=5",
+                        f"--plot_dir={tmp_path}", *SMALL)
     assert [r["variant"] for r in res["decode"]] == ["resident", "offload", "offload"]
     assert [r["cache_rows"] for r in res["decode"]] == [0, 4, 64]
     assert 0 <= res["decode"][1]["hit_rate"] <= res["decode"][2]["hit_rate"] <= 1
     assert os.path.isfile(tmp_path / "decode_hit_rate.png")
 
 
-def test_quality_mode_summarises_runs(facts, tmp_path):
-    runs = tmp_path / "runs"
-    for name, a in (("facts-swiglu-s1", "--ffn=swiglu"), ("facts-swiglu-s2", "--ffn=swiglu"), ("facts-stem-all-s1", "--ffn=stem")):
-        _train_inproc(f"--data_dir={facts}", f"--out_dir={runs / name}", "--max_iters=2", "--eval_interval=1",
-                      a, f"--seed={name[-1]}", *TINY)
-    (runs / "facts-stem-all-s2").mkdir()  # a run interrupted before its first checkpoint
-    (runs / "facts-stem-all-s2" / "metrics.jsonl").write_text("")
-    p = run("bench.py", "--mode=quality", f"--runs={runs}", f"--plot_dir={tmp_path}")
-    assert "# skipping facts-stem-all-s2: unfinished (no checkpoint yet)" in p.stdout
-    res = last_json(p)
-    q = {(r["dataset"], r["arch"]): r for r in res["quality"]}
-    assert set(q) == {("facts", "swiglu"), ("facts", "stem-all")}
-    assert q[("facts", "swiglu")]["seeds"] == 2 and q[("facts", "stem-all")]["seeds"] == 1
-    assert q[("facts", "stem-all")]["params_tables"] > 0 == q[("facts", "swiglu")]["params_tables"]
-    assert q[("facts", "swiglu")]["steps"] == 2 and 0 <= q[("facts", "swiglu")]["recall_mean"] <= 1
-    assert q[("facts", "swiglu")]["edit_success_mean"] is None and 0 <= q[("facts", "stem-all")]["edit_success_mean"] <= 1
-    for name in ("val_vs_tokens", "val_vs_flops", "recall_vs_tokens"):
-        assert os.path.isfile(tmp_path / f"quality_facts_{name}.png")
-
-
 def test_bench_bad_arguments(tmp_path):
-    assert_user_error(run("bench.py", "--mode=fast", ok=False), "mode='fast' is not one of")
-    assert_user_error(run("bench.py", "--steps=many", ok=False), "--steps=many is not a valid int")
-    assert_user_error(run("bench.py", "--mode=quality", f"--runs={tmp_path}/none", ok=False), "quality.sh")
-    assert_user_error(run("bench.py", "--mode=train", "--device=cpu", f"--data_dir={tmp_path}/none", ok=False),
-                      "no prepared data")
-    assert_user_error(run("bench.py", "--mode=ffn", "--shapes=12x", ok=False), "shapes")
+    assert_user_error(run("bench.py", "--mode=quality", ok=False), "mode='quality' is not one of", "claims.py")
+    for args, needle in ((["--mode=fast"], "mode='fast' is not one of"), (["--steps=many"], "--steps=many is not"),
+                         (["--mode=train", f"--data_dir={tmp_path}/none"], "no prepared data"),
+                         (["--mode=ffn", "--shapes=12x"], "shapes"), (["--grad_accum=0"], "grad_accum=0"),
+                         (["--mode=offload", "--shape=gpt3"], "shape='gpt3' is not one of")):
+        with pytest.raises(UserError, match=needle):
+            bench.main(["--device=cpu", *args])
 
 
 def test_step_model_against_hand_arithmetic():
-    import bench
     shape = dict(n_layer=3, n_head=2, n_embd=64, ffn_hidden=128, vocab_size=1000, block_size=32, stem_layers="1,2",
                  batch_size=4)
     rates = dict(gather_gbps=8.0, host_update_gbps=2.0, scatter_gbps=4.0)
@@ -149,7 +213,6 @@ def test_step_model_against_hand_arithmetic():
 def test_plot_without_matplotlib_says_so_and_draws_nothing(monkeypatch, tmp_path, capsys):
     # a GPU machine may have torch and nothing else: bench's figures are in its table and JSON line
     import builtins
-    import bench
     real_import = builtins.__import__
 
     def no_matplotlib(name, *args, **kwargs):
@@ -163,25 +226,3 @@ def test_plot_without_matplotlib_says_so_and_draws_nothing(monkeypatch, tmp_path
     monkeypatch.setattr(builtins, "__import__", real_import)
     bench.plot(str(path), "x", "y", {"a": [(1, 2), (2, 3)]})
     assert path.exists()  # and with it, the figure is drawn
-
-
-def _gpu_check(tmp_path, python):
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHON=python or sys.executable, REPORT=str(tmp_path / "report.txt"))
-    return subprocess.run(["bash", os.path.join(root, "gpu_check.sh")], capture_output=True, text=True, env=env,
-                          timeout=120)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
-def test_gpu_check_refuses_without_cuda_or_numpy_in_one_line(tmp_path):
-    p = _gpu_check(tmp_path, None)  # this Python: torch without CUDA
-    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "needs a CUDA GPU" in p.stderr
-    # a Python whose torch sees a GPU but that has no numpy (a stand-in answering the two probes)
-    fake = tmp_path / "python"
-    fake.write_text('#!/bin/sh\ncase "$*" in *numpy*) exit 1;; *) exit 0;; esac\n')
-    fake.chmod(0o755)
-    p = _gpu_check(tmp_path, str(fake))
-    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "needs numpy" in p.stderr
-    assert not (tmp_path / "report.txt").exists()  # nothing written before the checks pass

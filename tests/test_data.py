@@ -3,8 +3,6 @@ import io
 import json
 import os
 import random
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -12,14 +10,10 @@ import numpy as np
 import pytest
 import regex
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import prepare_data as P  # noqa: E402
-import tokenizer as T  # noqa: E402
-from configurator import UserError  # noqa: E402
-
-SHARED = ROOT.parent / "shared" / "data"  # offline copies of public data; absent on a user's machine
-R50K = SHARED / "r50k_base.tiktoken"
+import prepare_data as P
+import tokenizer as T
+from configurator import UserError
+from conftest import GPT2_BPE, SHAKESPEARE, assert_user_error, run_inproc
 
 MULTILINGUAL = """The quick brown fox jumps over the lazy dog. It's 2024, isn't it? Prices: $3.50, 12% off!
 Le cœur a ses raisons que la raison ne connaît point. Ça va très bien, merci.
@@ -151,9 +145,9 @@ def test_save_and_load_ranks(tmp_path, small_ranks):
     assert T.load_ranks(path) == smaller
 
 
-@pytest.mark.skipif(not R50K.exists(), reason="no local copy of r50k_base.tiktoken")
+@GPT2_BPE
 def test_r50k_file_encodes_like_gpt2():
-    ranks = T.load_ranks(str(R50K))
+    ranks = T.load_ranks(os.environ["NANOSTEM_GPT2_BPE"])
     enc = T.make_encoding(ranks, name="gpt2_local")
     assert enc.eot_token == 50256 and enc.n_vocab == 50257
     assert enc.encode_ordinary("Hello world") == [15496, 995]  # GPT-2's well-known ids
@@ -238,7 +232,7 @@ def test_prepare_facts_too_small_vocab(tmp_path):
 
 
 def test_load_tokenizer_missing(tmp_path):
-    with pytest.raises(UserError, match="no prepared tokenizer .meta.json missing.: prepare the data first"):
+    with pytest.raises(UserError, match="no prepared data in .* .meta.json missing.: prepare it first"):
         T.load_tokenizer(str(tmp_path / "facts"))
 
 
@@ -266,10 +260,10 @@ def read_pieces(text, read_chars, monkeypatch):
     return list(P._read_pieces(io.StringIO(text)))
 
 
-@pytest.mark.skipif(not (SHARED / "tinyshakespeare.txt").exists(), reason="no local Tiny Shakespeare")
+@SHAKESPEARE
 def test_pieces_encode_like_the_whole_on_shakespeare(small_ranks, monkeypatch):
     # one long document, read in blocks and handed on in pieces: the pieces' tokens are the whole's
-    text = (SHARED / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    text = Path(os.environ["NANOSTEM_SHAKESPEARE"]).read_text(encoding="utf-8")
     enc = T.make_encoding(small_ranks)
     pieces = read_pieces(text, 4096, monkeypatch)
     assert len(pieces) > 100 and "".join(t for t, _ in pieces) == text
@@ -289,11 +283,6 @@ def test_pieces_encode_like_the_whole_on_whitespace(monkeypatch):
         pieces = [t for t, _ in read_pieces(text, size, monkeypatch)]
         assert len(pieces) > 100 and "".join(pieces) == text
         assert [i for c in pieces for i in enc.encode_ordinary(c)] == enc.encode_ordinary(text)
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=60)
 
 
 @pytest.mark.parametrize("args", [
@@ -316,16 +305,12 @@ def test_cli_errors_are_one_line_and_overwrite_nothing(tmp_path, args):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9 ".encode("latin-1") * 100)
     args = [str(bad) if a == "NONUTF8" else a for a in args]
-    r = run_cli(*args, "--out_dir", str(out))
-    assert r.returncode == 1, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    assert_user_error(run_inproc("prepare_data.py", *args, "--out_dir", str(out), ok=False))
     assert sorted(os.listdir(out)) == ["meta.json", "train.bin"]
     assert (out / "meta.json").read_text() == "old" and (out / "train.bin").read_bytes() == b"old"
 
 
 def test_cli_default_facts_runs(tmp_path):
-    r = run_cli("--out_dir", str(tmp_path / "f"), "--entities", "20")
-    assert r.returncode == 0, r.stderr
+    r = run_inproc("prepare_data.py", "--out_dir", str(tmp_path / "f"), "--entities", "20")
     assert "entity names single-token: 20/20, capitals: 20/20" in r.stdout
     assert json.load(open(tmp_path / "f" / "meta.json"))["dataset"] == "facts"

@@ -26,6 +26,20 @@ def test_ffns_equal_their_formulas():
     assert not hasattr(st, "up")
 
 
+@pytest.mark.parametrize("ffn", ["stem", "stem_gate", "stem_add"])
+def test_table_row_takes_the_projections_dtype_under_autocast(ffn):
+    # under bf16 autocast RMSNorm returns float32 (the residual's dtype) while the projections return bf16:
+    # the row must follow the projection, or the (B, T, ffn) product (saved for backward) is float32
+    m = GPT(tiny_config(ffn=ffn, stem_layers="1"))
+    seen = {}
+    for i in (0, 1):  # layer 0 SwiGLU, layer 1 the table layer
+        m.blocks[i].ffn.down.register_forward_hook(lambda mod, inp, out, i=i: seen.update({i: inp[0].dtype}))
+    idx = torch.randint(0, 50, (2, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(idx, idx)
+    assert seen == {0: torch.bfloat16, 1: torch.bfloat16}
+
+
 def test_stem_layers_specs():
     assert parse_stem_layers("third", 16) == [1, 4, 7, 10, 13]  # the paper's 1/3 for 16 layers
     assert parse_stem_layers("half", 8) == [1, 3, 5, 7]

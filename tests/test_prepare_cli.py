@@ -13,7 +13,7 @@ import pytest
 
 import prepare_data as P
 import tokenizer as T  # noqa: E402
-from conftest import assert_user_error, run
+from conftest import assert_user_error, run_inproc
 
 EOT = "<|endoftext|>"
 
@@ -39,7 +39,7 @@ def comments():
 
 @pytest.mark.parametrize("flag", ["-h", "--help"])
 def test_help_lists_every_key_with_its_comment(flag):
-    p = run("prepare_data.py", flag)
+    p = run_inproc("prepare_data.py", flag)
     assert "Traceback" not in p.stderr
     lines = p.stdout.splitlines()
     assert "python prepare_data.py --entities=400 --out_dir=data/facts400" in p.stdout  # the docstring
@@ -61,7 +61,7 @@ def test_docstring_usage_uses_the_config_keys():
 @pytest.mark.parametrize("args", [["--entities=8", "--seed=3"], ["--entities", "8", "--seed", "3"]])
 def test_key_equals_value_and_key_space_value(tmp_path, args):
     out = tmp_path / "f"
-    p = run("prepare_data.py", *args, "--out_dir", str(out))
+    p = run_inproc("prepare_data.py", *args, "--out_dir", str(out))
     assert "entity names single-token: 8/8, capitals: 8/8" in p.stdout
     meta = json.loads((out / "meta.json").read_text())
     assert meta["inputs"]["entities"] == 8 and meta["inputs"]["seed"] == 3
@@ -74,7 +74,7 @@ def test_input_is_repeatable(tmp_path):
     b.write_text("and then the second one, other words. " * 20, encoding="utf-8")
     out = tmp_path / "o"
     # both forms in one command; with val_fraction 0.5 the 2nd document (b.txt) is validation
-    run("prepare_data.py", "--dataset=text", "--input", str(a), f"--input={b}", "--tokenizer=bpe:270",
+    run_inproc("prepare_data.py", "--dataset=text", "--input", str(a), f"--input={b}", "--tokenizer=bpe:270",
         "--val_fraction=0.5", f"--out_dir={out}")
     meta = json.loads((out / "meta.json").read_text())
     assert meta["inputs"]["input"] == [str(a), str(b)] and meta["inputs"]["files"] == 2
@@ -105,7 +105,7 @@ def test_bad_values_are_one_error_line_and_touch_nothing(tmp_path, args, needles
     src.write_text("some text. " * 50)
     before = snapshot(out)
     args = [a.replace("SRC", str(src)) for a in args]
-    assert_user_error(run("prepare_data.py", f"--out_dir={out}", *args, ok=False), *needles)
+    assert_user_error(run_inproc("prepare_data.py", f"--out_dir={out}", *args, ok=False), *needles)
     assert snapshot(out) == before
 
 
@@ -113,30 +113,30 @@ def test_too_small_facts_vocab_suggests_one_that_works(tmp_path):
     # 8 entities: BPE runs out of pairs (at ~560 tokens) before the default vocabulary's size; the
     # suggestion must still be given, and work
     out = tmp_path / "x"
-    p = run("prepare_data.py", "--entities=8", "--tokenizer", "bpe:300", f"--out_dir={out}", ok=False)
+    p = run_inproc("prepare_data.py", "--entities=8", "--tokenizer", "bpe:300", f"--out_dir={out}", ok=False)
     assert_error_after_progress(p, "with --tokenizer bpe:300 some names are split", "raise N", "works")
     assert not out.exists()
     suggested = re.search(r"\(--tokenizer (bpe:\d+) works\)", p.stderr).group(1)
-    p = run("prepare_data.py", "--entities=8", "--tokenizer", suggested, f"--out_dir={out}")
+    p = run_inproc("prepare_data.py", "--entities=8", "--tokenizer", suggested, f"--out_dir={out}")
     assert "entity names single-token: 8/8, capitals: 8/8" in p.stdout
     # and it is the smallest multiple of 128 that works
     smaller = f"bpe:{int(suggested[4:]) - 128}"
-    assert_error_after_progress(run("prepare_data.py", "--entities=8", f"--tokenizer={smaller}",
+    assert_error_after_progress(run_inproc("prepare_data.py", "--entities=8", f"--tokenizer={smaller}",
                                     f"--out_dir={tmp_path / 'y'}", ok=False), "raise N")
 
 
 def test_refuses_other_inputs_unless_force(tmp_path):
     out = tmp_path / "facts"
     first = ["--entities=8", "--seed=1", f"--out_dir={out}"]
-    run("prepare_data.py", *first)
+    run_inproc("prepare_data.py", *first)
     before = snapshot(out)
-    p = run("prepare_data.py", "--entities=8", "--seed", "2", "--out_dir", str(out), ok=False)
+    p = run_inproc("prepare_data.py", "--entities=8", "--seed", "2", "--out_dir", str(out), ok=False)
     assert_user_error(p, str(out), "seed 1 there, 2 now", "--out_dir=OTHER", "--force")
     assert snapshot(out) == before
     # the same inputs: nothing to do, nothing touched
-    assert "already prepared" in run("prepare_data.py", *first).stdout and snapshot(out) == before
+    assert "already prepared" in run_inproc("prepare_data.py", *first).stdout and snapshot(out) == before
     # a bare --force (followed by another option) replaces it
-    run("prepare_data.py", "--force", "--entities=8", "--seed=2", f"--out_dir={out}")
+    run_inproc("prepare_data.py", "--force", "--entities=8", "--seed=2", f"--out_dir={out}")
     meta = json.loads((out / "meta.json").read_text())
     assert meta["inputs"]["seed"] == 2 and snapshot(out) != before
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
@@ -148,11 +148,11 @@ def test_refuses_a_folder_it_did_not_prepare_unless_force(tmp_path):
     for name in ("train.bin", "meta.pkl"):
         (out / name).write_bytes(b"precious")
     before = snapshot(out)
-    p = run("prepare_data.py", "--entities=8", f"--out_dir={out}", ok=False)
+    p = run_inproc("prepare_data.py", "--entities=8", f"--out_dir={out}", ok=False)
     assert_user_error(p, "holds files but no meta.json", "another folder", f"--out_dir={out} --force")
     assert snapshot(out) == before
-    run("prepare_data.py", "--entities=8", f"--out_dir={out}", "--force")
+    run_inproc("prepare_data.py", "--entities=8", f"--out_dir={out}", "--force")
     assert (out / "meta.json").exists() and (out / "meta.pkl").read_bytes() == b"precious"
     afile = tmp_path / "afile"
     afile.write_text("x")
-    assert_user_error(run("prepare_data.py", "--entities=8", f"--out_dir={afile}", ok=False), "is a file")
+    assert_user_error(run_inproc("prepare_data.py", "--entities=8", f"--out_dir={afile}", ok=False), "is a file")

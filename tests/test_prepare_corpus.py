@@ -4,20 +4,16 @@ import hashlib
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import prepare_data as P  # noqa: E402
-import tokenizer as T  # noqa: E402
-from configurator import UserError  # noqa: E402
+import prepare_data as P
+import tokenizer as T
+from configurator import UserError
+from conftest import GPT2_BPE, assert_user_error, run_inproc
 
-R50K = ROOT.parent / "shared" / "data" / "r50k_base.tiktoken"  # offline copy; absent on a user's machine
 EOT = "<|endoftext|>"
 
 
@@ -124,12 +120,12 @@ def test_exact_ids_folder_and_small_reads(corpus, tmp_path, monkeypatch):
         assert (Path(small) / name).read_bytes() == (Path(out) / name).read_bytes(), name
 
 
-@pytest.mark.skipif(not R50K.exists(), reason="no local copy of r50k_base.tiktoken")
+@GPT2_BPE
 def test_exact_ids_with_gpt2_tokenizer(corpus, tmp_path, monkeypatch):
+    r50k = os.environ["NANOSTEM_GPT2_BPE"]
     monkeypatch.setattr(P, "READ_CHARS", 100)
-    out = P.prepare(dataset="text", input=str(corpus), tokenizer=str(R50K), out_dir=str(tmp_path / "g"),
-                    progress=False)
-    enc = T.make_encoding(T.load_ranks(str(R50K)))
+    out = P.prepare(dataset="text", input=str(corpus), tokenizer=r50k, out_dir=str(tmp_path / "g"), progress=False)
+    enc = T.make_encoding(T.load_ranks(r50k))
     _, ref = reference_ids(corpus_files(corpus), enc, every=10)
     assert read_ids(out) == ref and len(ref["val"]) > 0
 
@@ -179,24 +175,10 @@ def test_failure_midway_leaves_nothing(corpus, tmp_path, monkeypatch):
     assert not (tmp_path / "new").exists()
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=60)
-
-
-def assert_one_error_line(r, *needles):
-    assert r.returncode == 1, (r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
 def test_several_inputs_on_the_command_line(corpus, tmp_path):
     out = tmp_path / "two"
-    r = run_cli("--dataset", "text", "--input", str(corpus / "a.txt"), "--input", str(corpus / "c.txt"),
-                "--tokenizer", "bpe:300", "--out_dir", str(out))
-    assert r.returncode == 0, r.stderr
+    r = run_inproc("prepare_data.py", "--dataset", "text", "--input", str(corpus / "a.txt"), "--input",
+                   str(corpus / "c.txt"), "--tokenizer", "bpe:300", "--out_dir", str(out))
     assert "documents: 44 train, 4 val (every 10th)" in r.stdout
     _, ref = reference_ids([corpus / "a.txt", corpus / "c.txt"], T.load_tokenizer(str(out)), every=10)
     assert read_ids(out) == ref
@@ -205,21 +187,19 @@ def test_several_inputs_on_the_command_line(corpus, tmp_path):
 def test_refuses_to_replace_other_data(corpus, tmp_path):
     out = tmp_path / "data"
     text = ["--dataset", "text", "--input", str(corpus), "--tokenizer", "bpe:300", "--out_dir", str(out)]
-    assert run_cli(*text).returncode == 0
+    run_inproc("prepare_data.py", *text)
     before = snapshot(out)
     # the same inputs: nothing to do, nothing touched
-    r = run_cli(*text)
-    assert r.returncode == 0 and "already prepared" in r.stdout and snapshot(out) == before
+    assert "already prepared" in run_inproc("prepare_data.py", *text).stdout and snapshot(out) == before
     # other inputs: one error line, exit code 1, nothing touched
     (corpus / "a2.txt").write_text("another file\n")
     for args in [text, text[:-2] + ["--out_dir", str(out), "--val_fraction", "0.2"],
                  ["--dataset", "text", "--input", str(corpus / "b.txt"), "--out_dir", str(out)],
                  ["--entities", "10", "--out_dir", str(out)]]:
-        assert_one_error_line(run_cli(*args), str(out), "--out_dir=OTHER", "--force")
+        assert_user_error(run_inproc("prepare_data.py", *args, ok=False), str(out), "--out_dir=OTHER", "--force")
         assert snapshot(out) == before
     # --force replaces it
-    r = run_cli(*text, "--force")
-    assert r.returncode == 0, r.stderr
+    run_inproc("prepare_data.py", *text, "--force")
     meta = json.loads((out / "meta.json").read_text())
     assert meta["inputs"]["files"] == 6 and not [f for f in os.listdir(out) if f.endswith(".tmp")]
 

@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from conftest import ROOT, run
+from conftest import ROOT, run_inproc
 
 SMALL = ["--n_layer=3", "--n_head=2", "--n_embd=32", "--ffn_hidden=64", "--block_size=32", "--batch_size=2",
          "--grad_accum=2", "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--warmup_iters=1"]
@@ -13,8 +13,8 @@ SMALL = ["--n_layer=3", "--n_head=2", "--n_embd=32", "--ffn_hidden=64", "--block
 def test_gpt2_small_presets_train_at_a_reduced_size(facts, tmp_path):
     for ffn in ("stem", "swiglu"):  # the SwiGLU twin is the same preset with --ffn=swiglu
         out = tmp_path / ffn
-        p = run("train.py", os.path.join(ROOT, "presets", "gpt2_small_stem.py"), f"--ffn={ffn}", f"--data_dir={facts}",
-                f"--out_dir={out}", *SMALL)
+        p = run_inproc("train.py", os.path.join(ROOT, "presets", "gpt2_small_stem.py"), f"--ffn={ffn}",
+                       f"--data_dir={facts}", f"--out_dir={out}", *SMALL)
         assert "compute: 128 tokens per step, 256 in all" in p.stdout and "memory for weights" in p.stdout
         ckpt = torch.load(out / "ckpt.pt", weights_only=True)
         assert ckpt["iter"] == 2 and ckpt["config"]["model"]["ffn"] == ffn

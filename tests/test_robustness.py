@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY, assert_user_error, run
+from conftest import ROOT, TINY, assert_user_error, run, run_inproc
 
 
 def snapshot(folder):
@@ -35,8 +35,23 @@ def train_main(capsys, *args):
 def test_fresh_start_over_a_checkpoint_is_refused(trained, facts):
     out, _ = trained
     before = snapshot(out)
-    p = run("train.py", f"--data_dir={facts}", f"--out_dir={out}", *TINY, ok=False)
+    p = run_inproc("train.py", f"--data_dir={facts}", f"--out_dir={out}", *TINY, ok=False)
     assert_user_error(p, "ckpt.pt exists", "--init_from=resume", "another --out_dir")
+    assert snapshot(out) == before
+
+
+def test_mistakes_are_reported_before_the_checkpoint_in_the_way(trained, facts, tmp_path):
+    """Over a run's folder, a missing data folder, a bad value or a device that is not there is what the
+    user hears about first (fixing the out_dir alone would not get the run going)."""
+    out, _ = trained
+    before = snapshot(out)
+    cases = [([f"--data_dir={tmp_path}/nope"], "no prepared data"),
+             ([f"--data_dir={facts}", "--batch_size=0"], "batch_size=0"),
+             ([f"--data_dir={facts}", "--vocab_size=10"], "smaller than the data's")]
+    if not torch.cuda.is_available():
+        cases.append(([f"--data_dir={facts}", "--device=cuda"], "CUDA is not available"))
+    for args, needle in cases:
+        assert_user_error(run_inproc("train.py", f"--out_dir={out}", *TINY, *args, ok=False), needle)
     assert snapshot(out) == before
 
 
@@ -45,12 +60,13 @@ def test_a_busy_out_dir_is_refused_and_a_dead_runs_lock_taken_over(facts, tmp_pa
     out.mkdir()
     lock = out / "train.lock"
     lock.write_text(f"{socket.gethostname()} {os.getpid()} 2026-12-02 10:00:00")  # this test process: alive
-    args = [f"--data_dir={facts}", f"--out_dir={out}", "--max_iters=1", "--eval_interval=1", "--eval_facts=False", *TINY]
-    assert_user_error(run("train.py", *args, ok=False), "in use by another training run", "another --out_dir")
+    args = [f"--data_dir={facts}", f"--out_dir={out}", "--max_iters=1", "--eval_interval=1", "--eval_facts=False",
+            *TINY]
+    assert_user_error(run_inproc("train.py", *args, ok=False), "in use by another training run", "another --out_dir")
     assert os.listdir(out) == ["train.lock"]
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock.write_text(f"{socket.gethostname()} {dead.stdout.strip()} 2026-12-02 10:00:00")  # a crashed run's lock
-    p = run("train.py", *args)
+    p = run_inproc("train.py", *args)
     assert "taking over" in p.stdout and not lock.exists()
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 1
 
@@ -63,7 +79,8 @@ def test_resume_refuses_data_prepared_again(trained, facts, tmp_path):
     meta["fingerprint"] = "0123456789abcdef"  # as if prepare_data.py --force had replaced it with other inputs
     json.dump(meta, open(os.path.join(copy, "meta.json"), "w"))
     before = snapshot(out)
-    p = run("train.py", f"--data_dir={copy}", f"--out_dir={out}", "--init_from=resume", "--max_iters=8", *TINY, ok=False)
+    p = run_inproc("train.py", f"--data_dir={copy}", f"--out_dir={out}", "--init_from=resume", "--max_iters=8", *TINY,
+                   ok=False)
     assert_user_error(p, "was trained on", "0123456789abcdef")
     assert snapshot(out) == before
 
@@ -72,8 +89,8 @@ def test_resume_lists_changed_keys_and_counts_tokens_on(trained, facts, tmp_path
     out = str(tmp_path / "run")
     shutil.copytree(trained[0], out)
     args = [a for a in TINY if not a.startswith("--batch_size")]
-    p = run("train.py", f"--data_dir={facts}", f"--out_dir={out}", "--init_from=resume", "--max_iters=8",
-            "--eval_interval=3", "--batch_size=2", *args)
+    p = run_inproc("train.py", f"--data_dir={facts}", f"--out_dir={out}", "--init_from=resume", "--max_iters=8",
+                   "--eval_interval=3", "--batch_size=2", *args)
     assert "resuming with changed training keys: batch_size 4 -> 2, max_iters 6 -> 8" in p.stdout
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     tokens = [r["tokens"] for r in rows if r["kind"] == "train"]
@@ -86,7 +103,7 @@ def test_resume_takes_the_checkpoints_training_keys(trained, tmp_path):
     from the checkpoint (the defaults would be data/facts, 32, 3e-3), so the run goes on as it was."""
     out = str(tmp_path / "run")
     shutil.copytree(trained[0], out)
-    p = run("train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=8")
+    p = run_inproc("train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=8")
     assert "resuming with changed training keys: max_iters 6 -> 8\n" in p.stdout  # only what was given
     cfg = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]["train"]
     saved = torch.load(os.path.join(trained[0], "ckpt.pt"), weights_only=True)["config"]["train"]
@@ -99,11 +116,12 @@ def test_resume_takes_the_checkpoints_training_keys(trained, tmp_path):
 def test_resume_with_a_lower_learning_rate(facts, tmp_path):
     """The cross-key check (min_lr <= learning_rate) uses the checkpoint's min_lr, not the default 3e-4."""
     out = str(tmp_path / "run")
-    run("train.py", f"--data_dir={facts}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2",
-        "--learning_rate=1e-4", "--min_lr=1e-5", *[a for a in TINY if not a.startswith("--learning_rate")])
-    p = run("train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=3", "--learning_rate=5e-5")
+    run_inproc("train.py", f"--data_dir={facts}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2",
+               "--learning_rate=1e-4", "--min_lr=1e-5", *[a for a in TINY if not a.startswith("--learning_rate")])
+    p = run_inproc("train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=3", "--learning_rate=5e-5")
     assert "learning_rate 0.0001 -> 5e-05" in p.stdout
-    p = run("train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=4", "--learning_rate=5e-6", ok=False)
+    p = run_inproc("train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=4", "--learning_rate=5e-6",
+                   ok=False)
     assert_user_error(p, "min_lr=1e-05 must be in [0, learning_rate=5e-06]")
 
 
@@ -111,7 +129,8 @@ def test_resume_refuses_another_weight_decay(trained, tmp_path):
     out = str(tmp_path / "run")
     shutil.copytree(trained[0], out)
     before = snapshot(out)
-    p = run("train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=8", "--weight_decay=0.5", ok=False)
+    p = run_inproc("train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=8", "--weight_decay=0.5",
+                   ok=False)
     assert_user_error(p, "weight_decay cannot change on resume", "drop --weight_decay")
     assert snapshot(out) == before
 
@@ -123,7 +142,7 @@ def test_resume_survives_a_damaged_metrics_line(trained, tmp_path):
     good = open(path).readlines()
     with open(path, "w") as f:
         f.writelines(good[:3] + ["garbage\n"] + good[3:] + ['{"kind": "train", "it'])  # a run killed mid-append
-    p = run("train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=7")
+    p = run_inproc("train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=7")
     assert "2 unreadable line(s) dropped" in p.stdout
     rows = open(path).readlines()
     assert rows[:len(good)] == good and json.loads(rows[-1])["iter"] == 7
@@ -173,8 +192,9 @@ def test_a_damaged_data_folder_is_one_line(facts, tmp_path, capsys, damage):
 # ---- every value checked before any work ----------------------------------------------------------
 
 BAD = [(["--batch_size=0"], "batch_size=0 must be at least 1"), (["--batch_size=-1"], "batch_size=-1"),
-       (["--grad_accum=0"], "grad_accum=0"), (["--eval_iters=0"], "eval_iters=0"), (["--log_interval=0"], "log_interval"),
-       (["--eval_interval=0"], "eval_interval=0"), (["--n_head=0"], "n_head=0"), (["--ffn_hidden=0"], "ffn_hidden=0"),
+       (["--grad_accum=0"], "grad_accum=0"), (["--eval_iters=0"], "eval_iters=0"),
+       (["--log_interval=0"], "log_interval"), (["--eval_interval=0"], "eval_interval=0"),
+       (["--n_head=0"], "n_head=0"), (["--ffn_hidden=0"], "ffn_hidden=0"),
        (["--n_embd=100", "--n_head=3"], "not divisible by n_head=3"), (["--n_embd=132", "--n_head=4"], "is odd"),
        (["--learning_rate=-1"], "learning_rate=-1.0 must be positive"), (["--block_size=0"], "block_size=0"),
        (["--max_iters=-5"], "max_iters"), (["--min_lr=1"], "min_lr"), (["--grad_clip=0"], "grad_clip"),
@@ -216,14 +236,16 @@ def test_read_only_out_dir(capsys, tmp_path):
 
 
 def test_a_file_that_is_not_a_preset():
-    assert_user_error(run("train.py", "README.md", ok=False), "README.md is not a preset", "--key=value")
+    assert_user_error(run_inproc("train.py", os.path.join(ROOT, "README.md"), ok=False), "README.md is not a preset",
+                      "--key=value")
 
 
 @pytest.mark.parametrize("script,key", [("train.py", "--max_iters"), ("sample.py", "--num_samples"),
                                         ("bench.py", "--mode"), ("prepare_data.py", "--entities")])
 def test_help_lists_every_key_with_its_comment(script, key):
+    """-h and --help print every key and exit 0 (a SystemExit(0) from inside the config parser)."""
     for flag in ("--help", "-h"):
-        p = run(script, flag)
+        p = run_inproc(script, flag)
         assert key in p.stdout and "Traceback" not in p.stderr
     if script == "train.py":
         assert "optimizer steps" in p.stdout and "--keep_best=False" in p.stdout
@@ -231,20 +253,30 @@ def test_help_lists_every_key_with_its_comment(script, key):
 
 def test_missing_preset_data_names_a_command_that_works(tmp_path):
     d = str(tmp_path / "facts400")
-    p = run("train.py", os.path.join(ROOT, "presets", "facts400.py"), f"--data_dir={d}", ok=False)
+    p = run_inproc("train.py", os.path.join(ROOT, "presets", "facts400.py"), f"--data_dir={d}", ok=False)
     assert_user_error(p, "no prepared data")
     hint = p.stderr.split("`")[1]
     assert hint.startswith("python prepare_data.py ") and "--entities=400" in hint
-    run(*shlex.split(hint)[1:])  # the hinted command itself succeeds
+    run_inproc(*shlex.split(hint)[1:])  # the hinted command itself succeeds
     assert json.load(open(os.path.join(d, "meta.json")))["dataset"] == "facts"
+
+
+@pytest.mark.parametrize("script,args,needle", [("train.py", ["--bogus=1"], "unknown config key 'bogus'"),
+                                                ("sample.py", ["--top_k=0"], "top_k=0"),
+                                                ("prepare_data.py", ["--entities=0"], "out of range"),
+                                                ("bench.py", ["--mode=speed"], "mode='speed'")])
+def test_entry_points(script, args, needle):
+    """Each script started as a process: bad input is exit code 1 and one line on stderr, no traceback.
+    (The other tests run the scripts' __main__ blocks in the test process: the same code.)"""
+    assert_user_error(run(script, *args, ok=False), needle)
 
 
 # ---- long runs say where they are, and how to continue -------------------------------------------
 
 def test_progress_and_final_line_say_what_each_file_holds(facts, tmp_path):
     out = str(tmp_path / "run")
-    p = run("train.py", f"--data_dir={facts}", f"--out_dir={out}", "--max_iters=6", "--eval_interval=2",
-            "--keep_best", *TINY)
+    p = run_inproc("train.py", f"--data_dir={facts}", f"--out_dir={out}", "--max_iters=6", "--eval_interval=2",
+                   "--keep_best", *TINY)
     assert "elapsed, ETA" in p.stdout and "tok/s" in p.stdout and "evaluating at step 2" in p.stdout
     last, best = (torch.load(os.path.join(out, f), weights_only=True) for f in ("ckpt.pt", "best.pt"))
     evals = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
@@ -262,7 +294,7 @@ def test_ctrl_c_leaves_a_whole_checkpoint_and_the_resume_command(facts, tmp_path
             *TINY]
     # SIGINT at its default in the child: a shell that runs the tests in the background ignores it, and
     # a child inherits an ignored signal (Python then never raises KeyboardInterrupt)
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, text=True,
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"),
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:
@@ -289,7 +321,7 @@ def test_ctrl_c_leaves_a_whole_checkpoint_and_the_resume_command(facts, tmp_path
                                          (["--mode=offload", "--shape=model", "--ffn=swiglu"], "no table layers"),
                                          (["--mode=offload", "--shape=model", "--unique_ids=99999"], "more than")])
 def test_bench_bad_values(args, needle):
-    assert_user_error(run("bench.py", "--device=cpu", *args, ok=False), needle)
+    assert_user_error(run_inproc("bench.py", "--device=cpu", *args, ok=False), needle)
 
 
 def test_bench_plots_stay_out_of_tracked_files(facts, tmp_path):
@@ -297,9 +329,7 @@ def test_bench_plots_stay_out_of_tracked_files(facts, tmp_path):
     before = open(tracked, "rb").read()
     args = [f"--data_dir={facts}", "--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--ffn_hidden=64",
             "--block_size=32", "--batch_size=2", "--steps=1", "--decode_tokens=2", "--cache_sizes=16"]
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--mode=decode", *args], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
+    run_inproc("bench.py", "--mode=decode", *args, cwd=tmp_path)  # the plot's default folder is under cwd
     assert os.path.getsize(tmp_path / "out" / "bench" / "decode_hit_rate.png") > 1000
     assert open(tracked, "rb").read() == before
 
@@ -308,9 +338,9 @@ def test_bench_decode_refuses_a_checkpoint_of_other_data(trained, tmp_path):
     ckpt = torch.load(os.path.join(trained[0], "ckpt.pt"), weights_only=True)
     ckpt["data"]["fingerprint"] = "fedcba9876543210"  # as if its data folder had been prepared again since
     torch.save(ckpt, tmp_path / "ckpt.pt")
-    p = run("bench.py", "--mode=decode", "--device=cpu", f"--ckpt={tmp_path}/ckpt.pt", ok=False)
+    p = run_inproc("bench.py", "--mode=decode", "--device=cpu", f"--ckpt={tmp_path}/ckpt.pt", ok=False)
     assert_user_error(p, "fedcba9876543210", "--data_dir")
-    p = run("bench.py", "--mode=decode", "--device=cpu", f"--ckpt={trained[0]}/ckpt.pt", "--n_layer=7", ok=False)
+    p = run_inproc("bench.py", "--mode=decode", "--device=cpu", f"--ckpt={trained[0]}/ckpt.pt", "--n_layer=7", ok=False)
     assert_user_error(p, "--ckpt brings its own model: drop --n_layer")
 
 
@@ -335,7 +365,8 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
 
 
 def test_a_checkpoint_of_another_code_version_is_one_line(trained):
-    from configurator import UserError, load_checkpoint, model_from_checkpoint
+    from common import load_checkpoint, model_from_checkpoint
+    from configurator import UserError
     ckpt = load_checkpoint(os.path.join(trained[0], "ckpt.pt"))
     extra = dict(ckpt, config=dict(ckpt["config"], model=dict(ckpt["config"]["model"], new_key=1)))
     with pytest.raises(UserError, match="does not fit this code's GPTConfig"):

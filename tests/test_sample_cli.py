@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import assert_user_error, run
+from conftest import assert_user_error, run_inproc
 from configurator import UserError
 import tokenizer as T  # noqa: E402
 
@@ -45,30 +45,30 @@ def test_bad_values_refused_before_the_checkpoint(arg, needle, tmp_path):
         sample.main([f"--out_dir={tmp_path}", *arg.split()])
 
 
-def test_bad_value_is_one_error_line(tmp_path):
-    assert_user_error(run("sample.py", f"--out_dir={tmp_path}", "--top_k=0", ok=False), "top_k=0")
-
-
 # ---- the prompt ------------------------------------------------------------------------------
 
 def test_start_file_not_utf8(trained, tmp_path):
     out, _ = trained
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("The capital of Ålby is".encode("latin-1"))
-    assert_user_error(run("sample.py", f"--out_dir={out}", f"--start=FILE:{bad}", ok=False), "is not UTF-8", str(bad))
-    assert_user_error(run("sample.py", f"--out_dir={out}", f"--start=FILE:{tmp_path}", ok=False), "no such file")
+    assert_user_error(run_inproc("sample.py", f"--out_dir={out}", f"--start=FILE:{bad}", ok=False), "is not UTF-8",
+                      str(bad))
+    assert_user_error(run_inproc("sample.py", f"--out_dir={out}", f"--start=FILE:{tmp_path}", ok=False),
+                      "no such file")
 
 
 def test_long_prompt_is_cut_with_a_note(trained, facts):
     out, _ = trained
     a, b, _ = _names(facts)
     long = f"The capital of {a} is far away. " + "The capital of " * 20 + f"{b} is"  # well over block_size=32
-    p = run("sample.py", f"--out_dir={out}", f"--start={long}", "--greedy", "--num_samples=1", "--max_new_tokens=2")
+    p = run_inproc("sample.py", f"--out_dir={out}", f"--start={long}", "--greedy", "--num_samples=1",
+                   "--max_new_tokens=2")
     m = re.search(r"kept its last (\d+) tokens of (\d+)", p.stdout)
     assert m and m.group(1) == "32" and int(m.group(2)) > 32, p.stdout
     assert p.stdout.count("note: the prompt is longer") == 1
     # a Source that only occurs in the part cut away would be edited nowhere: said, not silently ignored
-    assert_user_error(run("sample.py", f"--out_dir={out}", f"--start={long}", "--edit", f"{a}={b}", ok=False),
+    assert_user_error(run_inproc("sample.py", f"--out_dir={out}", f"--start={long}", "--edit", f"{a}={b}",
+                                 ok=False),
                       f"{a!r} does not occur in the last 32 tokens of the prompt")
 
 
@@ -110,9 +110,9 @@ def test_edit_target_longer_than_source(trained, facts):
     common = [f"--out_dir={out}", f"--start=The capital of {a} is", "--greedy", "--num_samples=1",
               "--max_new_tokens=2", "--edit", f"{a}={b} {c}"]
     for align in ("left_pad", "copy"):  # would keep one of Target's two tokens
-        assert_user_error(run("sample.py", *common, f"--edit_align={align}", ok=False),
+        assert_user_error(run_inproc("sample.py", *common, f"--edit_align={align}", ok=False),
                           "Target is 2 tokens and Source 1", "--edit_align=average")
-    p = run("sample.py", *common, "--edit_align=average")  # the mean of both rows: every Target token counts
+    p = run_inproc("sample.py", *common, "--edit_align=average")  # the mean of both rows: every Target token counts
     assert f"=== with edit {a}={b} {c} ===" in p.stdout
 
 
@@ -123,14 +123,14 @@ def test_tokenizer_prepared_again_is_refused(trained, facts, tmp_path):
     copy = str(tmp_path / "facts")
     shutil.copytree(facts, copy)
     args = [f"--out_dir={out}", f"--data_dir={copy}", "--start=The capital of", "--num_samples=1", "--max_new_tokens=2"]
-    run("sample.py", *args)  # the same tokenizer in another folder is fine
+    run_inproc("sample.py", *args)  # the same tokenizer in another folder is fine
     meta_path = os.path.join(copy, "meta.json")
     meta = json.load(open(meta_path))
     meta["tokenizer_sha256"] = "0" * 64
     json.dump(meta, open(meta_path, "w"))
-    assert_user_error(run("sample.py", *args, ok=False), "tokenizer_sha256", "prepared again")
+    assert_user_error(run_inproc("sample.py", *args, ok=False), "tokenizer_sha256", "prepared again")
 
 
 def test_out_dir_that_names_the_checkpoint_file(trained):
     out, _ = trained
-    assert_user_error(run("sample.py", f"--out_dir={out}/ckpt.pt", ok=False), "is a file", f"--out_dir={out}")
+    assert_user_error(run_inproc("sample.py", f"--out_dir={out}/ckpt.pt", ok=False), "is a file", f"--out_dir={out}")

@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY, _losses, _train_inproc, assert_user_error, run  # noqa: F401
+from conftest import ROOT, TINY, _losses, _train_inproc, assert_user_error, run_inproc
+
 
 def test_train_smoke_writes_checkpoint_metrics_plot(trained, facts):
     out, p = trained
@@ -31,14 +32,14 @@ def test_train_smoke_writes_checkpoint_metrics_plot(trained, facts):
 
 def test_sample_smoke_and_edit(trained):
     out, _ = trained
-    p = run("sample.py", f"--out_dir={out}", "--num_samples=2", "--max_new_tokens=8")
+    p = run_inproc("sample.py", f"--out_dir={out}", "--num_samples=2", "--max_new_tokens=8")
     assert p.stdout.count("---") == 2
-    p = run("sample.py", f"--out_dir={out}", "--eval_facts")
+    p = run_inproc("sample.py", f"--out_dir={out}", "--eval_facts")
     assert "fact recall" in p.stdout
     a, b = _two_names(out)
     for align in ("left_pad", "copy", "average"):
-        p = run("sample.py", f"--out_dir={out}", f"--start=The capital of {a} is", "--greedy", "--num_samples=1",
-                "--max_new_tokens=3", "--edit", f"{a}={b}", f"--edit_align={align}")
+        p = run_inproc("sample.py", f"--out_dir={out}", f"--start=The capital of {a} is", "--greedy",
+                       "--num_samples=1", "--max_new_tokens=3", "--edit", f"{a}={b}", f"--edit_align={align}")
         assert "=== without edit ===" in p.stdout and f"=== with edit {a}={b} ===" in p.stdout
 
 
@@ -66,9 +67,9 @@ def test_resume_is_exact(facts, tmp_path, table_optimizer):
         assert torch.equal(ta[i]["exp_avg_sq"], tb[i]["exp_avg_sq"])
 
 
-def _torchrun(*args):
+def _torchrun(cwd, *args):
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+                        os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True, cwd=cwd, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return p
 
@@ -76,16 +77,16 @@ def _torchrun(*args):
 def test_ddp_two_cpu_processes_gloo_and_exact_resume(facts, tmp_path):
     """Two gloo processes, lazy tables: the ranks agree; and 4 steps then a resume to 6 equal 6 steps
     straight (each rank continues its own data order: the checkpoint holds every rank's)."""
-    common = [f"--data_dir={facts}", "--eval_interval=4", "--lr_decay_iters=6", "--table_optimizer=lazy", "--device=cpu",
-              "--eval_facts=False", *TINY]
+    common = [f"--data_dir={facts}", "--eval_interval=4", "--lr_decay_iters=6", "--table_optimizer=lazy",
+              "--device=cpu", "--eval_facts=False", *TINY]
     out, straight = str(tmp_path / "ddp"), str(tmp_path / "straight")
-    p = _torchrun(f"--out_dir={out}", "--max_iters=4", *common)
+    p = _torchrun(tmp_path, f"--out_dir={out}", "--max_iters=4", *common)
     assert "DDP over 2 processes" in p.stdout and "parameter checksums across ranks agree" in p.stdout
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["iter"] == 4 and len(ckpt["rng"]["data_ranks"]) == 2
     assert not torch.equal(*ckpt["rng"]["data_ranks"])  # the ranks draw different batches
-    _torchrun(f"--out_dir={out}", "--init_from=resume", "--max_iters=6")
-    _torchrun(f"--out_dir={straight}", "--max_iters=6", *common)
+    _torchrun(tmp_path, f"--out_dir={out}", "--init_from=resume", "--max_iters=6")
+    _torchrun(tmp_path, f"--out_dir={straight}", "--max_iters=6", *common)
     a, b = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (out, straight))
     assert a["iter"] == b["iter"] == 6
     for k in b["model"]:
@@ -95,22 +96,26 @@ def test_ddp_two_cpu_processes_gloo_and_exact_resume(facts, tmp_path):
 # ---- bad inputs: one line, exit 1, nothing overwritten ------------------------------------------
 
 def test_bad_config_keys_and_values(facts):
-    assert_user_error(run("train.py", "--bogus=1", ok=False), "unknown config key 'bogus'", "valid keys:", "max_iters")
-    assert_user_error(run("train.py", "--max_iters=abc", ok=False), "--max_iters=abc is not a valid int")
-    assert_user_error(run("train.py", "--compile=maybe", ok=False), "not a valid bool")
-    assert_user_error(run("train.py", f"--data_dir={facts}", "--stem_layers=1,99", ok=False), "stem_layers='1,99' is invalid")
-    assert_user_error(run("train.py", f"--data_dir={facts}", "--table_optimizer=sgd", ok=False), "table_optimizer")
-    assert_user_error(run("sample.py", "--num_samples=two", ok=False), "not a valid int")
-    assert_user_error(run("train.py", f"--data_dir={facts}", "--init_from=pretrained", ok=False), "init_from")
-    assert_user_error(run("train.py", f"--data_dir={facts}", "--dtype=float16", ok=False), "dtype='float16'")
-    assert_user_error(run("train.py", f"--data_dir={facts}", "--vocab_size=10", ok=False), "smaller than the data's")
-    assert_user_error(run("train.py", "no_such_preset.py", ok=False), "preset file no_such_preset.py not found")
+    data = f"--data_dir={facts}"
+    for script, args, needles in [
+            ("train.py", ["--bogus=1"], ["unknown config key 'bogus'", "valid keys:", "max_iters"]),
+            ("train.py", ["--max_iters=abc"], ["--max_iters=abc is not a valid int"]),
+            ("train.py", ["--compile=maybe"], ["not a valid bool"]),
+            ("train.py", [data, "--stem_layers=1,99"], ["stem_layers='1,99' is invalid"]),
+            ("train.py", [data, "--table_optimizer=sgd"], ["table_optimizer"]),
+            ("sample.py", ["--num_samples=two"], ["not a valid int"]),
+            ("train.py", [data, "--init_from=pretrained"], ["init_from"]),
+            ("train.py", [data, "--dtype=float16"], ["dtype='float16'"]),
+            ("train.py", [data, "--vocab_size=10"], ["smaller than the data's"]),
+            ("train.py", ["no_such_preset.py"], ["preset file no_such_preset.py not found"])]:
+        assert_user_error(run_inproc(script, *args, ok=False), *needles)
 
 
 def test_bad_edit_align_and_bench_checkpoint(trained, tmp_path):
     out, _ = trained
-    assert_user_error(run("sample.py", f"--out_dir={out}", "--edit_align=middle", ok=False), "edit_align='middle'")
-    assert_user_error(run("bench.py", "--mode=decode", "--device=cpu", f"--ckpt={tmp_path}/none.pt", ok=False),
+    assert_user_error(run_inproc("sample.py", f"--out_dir={out}", "--edit_align=middle", ok=False),
+                      "edit_align='middle'")
+    assert_user_error(run_inproc("bench.py", "--mode=decode", "--device=cpu", f"--ckpt={tmp_path}/none.pt", ok=False),
                       "no checkpoint at")
 
 
@@ -118,52 +123,54 @@ def test_preset_file(tmp_path, facts):
     import train
     from model import GPTConfig
     preset = tmp_path / "p.py"
-    preset.write_text("n_layer = 3\nlearning_rate = 1  # an int where a float is expected is fine\nlr_decay_iters = None\n")
+    preset.write_text("n_layer = 3\nlearning_rate = 1  # an int where a float is expected is fine\n"
+                      "lr_decay_iters = None\n")
     tc, mc = train.TrainConfig(), GPTConfig()
     keys = train.parse_config([str(preset), "--n_layer=5", "--lr_decay_iters=7"], mc, tc)
-    assert (mc.n_layer, tc.learning_rate, tc.lr_decay_iters) == (5, 1.0, 7) and keys == {"n_layer", "learning_rate", "lr_decay_iters"}
+    assert (mc.n_layer, tc.learning_rate, tc.lr_decay_iters) == (5, 1.0, 7)
+    assert keys == {"n_layer", "learning_rate", "lr_decay_iters"}
     preset.write_text("import os\n")
-    assert_user_error(run("train.py", str(preset), ok=False), "only hold assignments")
+    assert_user_error(run_inproc("train.py", str(preset), ok=False), "only hold assignments")
     preset.write_text("n_layer = 'four'\n")
-    assert_user_error(run("train.py", str(preset), ok=False), "n_layer = 'four' is not a int")
+    assert_user_error(run_inproc("train.py", str(preset), ok=False), "n_layer = 'four' is not a int")
 
 
 def test_missing_data_and_short_data(tmp_path):
-    assert_user_error(run("train.py", f"--data_dir={tmp_path}/nope", ok=False), "no prepared data", "prepare_data.py")
+    assert_user_error(run_inproc("train.py", f"--data_dir={tmp_path}/nope", ok=False), "no prepared data",
+                      "prepare_data.py")
     import prepare_data
     short = str(tmp_path / "short")
     src = tmp_path / "s.txt"
     src.write_text("hello world, a short text. " * 20)
     prepare_data.prepare(dataset="text", input=str(src), out_dir=short, tokenizer="bpe:270", progress=False)
-    assert_user_error(run("train.py", f"--data_dir={short}", "--block_size=4096", ok=False),
+    assert_user_error(run_inproc("train.py", f"--data_dir={short}", "--block_size=4096", ok=False),
                       "tokens, not more than block_size", "lower --block_size")
 
 
-def test_bad_checkpoints(trained, tmp_path):
+def test_bad_checkpoints(trained, facts, tmp_path):
     out, _ = trained
-    assert_user_error(run("sample.py", f"--out_dir={tmp_path}", ok=False), "no checkpoint at")
+    assert_user_error(run_inproc("sample.py", f"--out_dir={tmp_path}", ok=False), "no checkpoint at")
     bad = tmp_path / "trunc"
     bad.mkdir()
     data = open(os.path.join(out, "ckpt.pt"), "rb").read()
     (bad / "ckpt.pt").write_bytes(data[: len(data) // 2])
-    assert_user_error(run("sample.py", f"--out_dir={bad}", ok=False), "unreadable")
-    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    assert_user_error(run("train.py", f"--data_dir={ckpt['config']['train']['data_dir']}", f"--out_dir={bad}",
-                          "--init_from=resume", ok=False), "unreadable")
+    assert_user_error(run_inproc("sample.py", f"--out_dir={bad}", ok=False), "unreadable")
+    data_dir = f"--data_dir={facts}"  # the run's own
+    assert_user_error(run_inproc("train.py", data_dir, f"--out_dir={bad}", "--init_from=resume", ok=False),
+                      "unreadable")
     assert (bad / "ckpt.pt").read_bytes() == data[: len(data) // 2]  # not overwritten
-    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
-    assert_user_error(run("train.py", f"--data_dir={ckpt['config']['train']['data_dir']}", f"--out_dir={out}",
-                          "--init_from=resume", "--ffn=swiglu", ok=False), "ffn='stem'", "asks for ffn='swiglu'")
-    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+    assert_user_error(run_inproc("train.py", data_dir, f"--out_dir={out}", "--init_from=resume", "--ffn=swiglu",
+                                 ok=False), "ffn='stem'", "asks for ffn='swiglu'")
+    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == data
 
 
 def test_bad_sample_inputs(trained, facts, tmp_path):
     out, _ = trained
     a, b = _two_names(out)
-    assert_user_error(run("sample.py", f"--out_dir={out}", "--start=Hello there", "--edit", f"{a}={b}", ok=False),
-                      f"{a!r} does not occur in the prompt")
-    assert_user_error(run("sample.py", f"--out_dir={out}", f"--start={a}", "--edit", "nonsense", ok=False), "Source=Target")
-    assert_user_error(run("sample.py", f"--out_dir={out}", "--start=FILE:/no/such/file", ok=False), "no such file")
+    for args, needle in [(["--start=Hello there", "--edit", f"{a}={b}"], f"{a!r} does not occur in the prompt"),
+                         ([f"--start={a}", "--edit", "nonsense"], "Source=Target"),
+                         (["--start=FILE:/no/such/file"], "no such file")]:
+        assert_user_error(run_inproc("sample.py", f"--out_dir={out}", *args, ok=False), needle)
     # a model trained on a small vocabulary, prompted through a larger tokenizer
     import prepare_data
     src = tmp_path / "t.txt"
@@ -172,16 +179,16 @@ def test_bad_sample_inputs(trained, facts, tmp_path):
     prepare_data.prepare(dataset="text", input=str(src), out_dir=small, tokenizer="bpe:260", progress=False)
     prepare_data.prepare(dataset="text", input=str(src), out_dir=large, tokenizer="bpe:400", progress=False)
     sw = str(tmp_path / "sw")
-    run("train.py", f"--data_dir={small}", f"--out_dir={sw}", "--max_iters=1", "--eval_interval=1", "--ffn=swiglu", *TINY)
-    assert_user_error(run("sample.py", f"--out_dir={sw}", f"--data_dir={large}", "--start=the quick brown fox", ok=False),
-                      "tokenizer_sha256", "another folder, or prepared again")
-    assert_user_error(run("sample.py", f"--out_dir={sw}", "--start=the fox", "--edit", "fox=dog", ok=False),
+    _train_inproc(f"--data_dir={small}", f"--out_dir={sw}", "--max_iters=1", "--eval_interval=1", "--ffn=swiglu", *TINY)
+    assert_user_error(run_inproc("sample.py", f"--out_dir={sw}", f"--data_dir={large}", "--start=the quick brown fox",
+                                 ok=False), "tokenizer_sha256", "another folder, or prepared again")
+    assert_user_error(run_inproc("sample.py", f"--out_dir={sw}", "--start=the fox", "--edit", "fox=dog", ok=False),
                       "needs STEM layers")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
 def test_cuda_asked_for_without_cuda(facts):
-    assert_user_error(run("train.py", f"--data_dir={facts}", "--device=cuda", ok=False),
+    assert_user_error(run_inproc("train.py", f"--data_dir={facts}", "--device=cuda", ok=False),
                       "CUDA is not available", "--device=cpu")
 
 
