@@ -7,6 +7,7 @@ code: model.py stands alone, and the config mechanism is configurator.py.
     from common import Batches, load_checkpoint, fact_recall     # as the scripts do
 """
 
+import fcntl
 import json
 import os
 import random
@@ -145,15 +146,12 @@ class Batches:
         # a fresh memmap per batch avoids the memory growth of a long-lived one (nanoGPT issue)
         data = np.memmap(self.paths[split], dtype=self.dtype, mode="r")
         ix = torch.randint(len(data) - self.block_size - 1, (self.batch_size,), generator=gen or self.gen)
-        x = torch.stack([torch.from_numpy(data[i:i + self.block_size].astype(np.int64)) for i in ix.tolist()])
-        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + self.block_size].astype(np.int64)) for i in ix.tolist()])
-        top = max(int(y.max()), int(x[:, 0].max()))  # x[:, 1:] is y[:, :-1]
-        if top >= self.vocab_size:
-            raise UserError(f"{self.paths[split]} holds token id {top}, not below the vocabulary of "
+        w = torch.stack([torch.from_numpy(data[i:i + self.block_size + 1].astype(np.int64)) for i in ix.tolist()])
+        if int(w.max()) >= self.vocab_size:
+            raise UserError(f"{self.paths[split]} holds token id {int(w.max())}, not below the vocabulary of "
                             f"{self.vocab_size}: the data folder is damaged; {reprepare(self.data_dir)}")
-        if not to_device:
-            return x, y
-        return self.to_device(x, y)
+        x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()  # inputs, and the next token of each: (B, T) each
+        return self.to_device(x, y) if to_device else (x, y)
 
     def to_device(self, x, y):
         if self.device.startswith("cuda"):
@@ -238,48 +236,34 @@ def check_provenance(ckpt, meta, data_dir, path, key="fingerprint"):
 
 
 class RunLock:
-    """out_dir/train.lock while a training run writes there: a second run refuses. The lock holds the
-    owner's host and pid, so a lock left by a run that crashed (its pid is gone) is taken over."""
+    """out_dir/train.lock, locked (flock) while a training run writes there: a second run into the folder refuses.
+    The OS drops the lock when its process ends, however it ends, so a crashed run leaves no stale lock."""
 
     def __init__(self, out_dir):
         self.path = os.path.join(out_dir, "train.lock")
-        self.me = f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%d %H:%M:%S')}"
 
     def __enter__(self):
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                owner = open(self.path).read().split()
-                host, pid = (owner + ["", "0"])[:2]
-                if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
-                    print(f"note: taking over {self.path}, left by process {pid} that is no longer running")
-                    os.remove(self.path)
-                    continue
-                raise UserError(f"{os.path.dirname(self.path) or '.'} is in use by another training run "
-                                f"({' '.join(owner)}): wait for it or use another --out_dir; if that run "
-                                f"is gone, delete {self.path}") from None
-            except OSError as e:
-                raise UserError(f"cannot write to out_dir {os.path.dirname(self.path)}: {e.strerror}; "
-                                f"choose another --out_dir") from None
-            with os.fdopen(fd, "w") as f:
-                f.write(self.me)
-            return self
-        raise UserError(f"could not take {self.path}: delete it and try again")
+        try:
+            self.f = open(self.path, "a+")
+        except OSError as e:
+            raise UserError(f"cannot write to out_dir {os.path.dirname(self.path)}: {e.strerror}; "
+                            f"choose another --out_dir") from None
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.f.seek(0)
+            owner = self.f.read().strip()
+            self.f.close()
+            raise UserError(f"{os.path.dirname(self.path) or '.'} is in use by another training run ({owner}): "
+                            f"wait for it or use another --out_dir") from None
+        self.f.truncate(0)
+        self.f.write(f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        self.f.flush()
+        return self
 
     def __exit__(self, *exc):
-        if os.path.exists(self.path) and open(self.path).read() == self.me:
-            os.remove(self.path)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+        os.remove(self.path)
+        self.f.close()
 
 
 # -----------------------------------------------------------------------------
@@ -378,28 +362,31 @@ def plot_losses(metrics_path, png_path):
     plt.close(fig)
 
 
-def print_accounting(model, counts=None, flops=None, tc=None, tokens_per_step=None):
-    """Parameters and FLOPs per token; with a TrainConfig, also the run's total compute and the memory
-    its weights and optimizer states take (estimates, labelled as such)."""
+def print_accounting(model, counts=None, flops=None, tc=None, tokens_per_step=None, table_bytes=None):
+    """Parameters and FLOPs per token; with a TrainConfig, also the run's total compute and the device memory
+    its weights and optimizer states take: estimates, except table_bytes (offload.device_bytes: what each
+    placement of lazy tables allocates on the device)."""
     c = counts or model.param_counts()
     flops = flops or model.flops_per_token()
-    T = model.cfg.block_size
     kind = "STEM" if model.cfg.ffn in ("stem", "swiglu") else f"{model.cfg.ffn} (ablation)"
     print(f"{kind} layers: {model.ffn_layers or 'none'} of {model.cfg.n_layer}")
     print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in c.items()))
-    print(f"FLOPs per token (forward, context {T}): {flops:,} (matmul weights + attention; tables are lookups); "
-          f"training ~3x")
+    print(f"FLOPs per token (forward, context {model.cfg.block_size}): {flops:,} (matmul weights + attention; "
+          f"tables are lookups); training ~3x")
     if tc is None:
         return
     total = 3 * flops * tokens_per_step * tc.max_iters
     print(f"compute: {tokens_per_step:,} tokens per step, {tokens_per_step * tc.max_iters:,} in all, {total:.3g} FLOPs "
           f"(estimate: {clock(total / 400e12)} h:m:s at 400 TFLOP/s, an H100 at 40% MFU)")
-    # fp32 weights, gradients and two AdamW moments: 16 bytes a value. Lazy tables have no gradient
-    # beyond the step's rows (12 bytes a value); offloaded tables live in host memory instead.
-    backbone, tables = (c["total"] - c["tables"]) * 16, c["tables"] * (16 if tc.table_optimizer == "dense" else 12)
-    where = "in host memory (offload)" if tc.offload else "on the device"
-    print(f"memory for weights and optimizer (estimate; activations not counted): backbone {backbone / 1e9:.2f} GB "
-          f"on the device, tables {tables / 1e9:.2f} GB {where}")
+    backbone = (c["total"] - c["tables"]) * 16  # fp32 weights, gradients and two AdamW moments: 16 bytes a value
+    line = f"device memory, weights and optimizer (activations not counted): backbone {backbone / 1e9:.2f} GB"
+    if c["tables"] and tc.table_optimizer == "dense":
+        line += f", tables {c['tables'] * 16 / 1e9:.2f} GB (dense AdamW: tables, gradients, two moments)"
+    elif c["tables"] and table_bytes:
+        mine, other = ("offload", "resident_lazy") if tc.offload else ("resident_lazy", "offload")
+        line += (f", tables at most {table_bytes[mine] / 1e9:.2f} GB {'offloaded' if tc.offload else 'resident'} "
+                 f"({'resident' if tc.offload else 'offloaded'}: {table_bytes[other] / 1e9:.2f} GB)")
+    print(line)
 
 
 # -----------------------------------------------------------------------------

@@ -12,8 +12,7 @@ The config mechanism every script shares, and the one error class. You can skip 
   A `list` field is repeatable (`--input a.txt --input b.txt`).
 - A preset is a .py file of plain assignments (`n_layer = 6`), read with ast.literal_eval, never run.
 - UserError means "bad input": a script's entry point prints it as one `error: ...` line and exits 1.
-
-It imports no torch, so prepare_data.py starts fast. (nanoGPT calls its version configurator.py too.)
+- It imports no torch, so prepare_data.py starts fast. (nanoGPT calls its version configurator.py too.)
 """
 
 import ast
@@ -34,8 +33,7 @@ def die(msg):
     sys.exit(1)
 
 
-def require(ok, msg):
-    """A value check: one clear line when it fails."""
+def require(ok, msg):  # a value check: one clear line when it fails
     if not ok:
         raise UserError(msg)
 
@@ -49,11 +47,9 @@ def _coerce(key, value, typ, from_cli):
     if from_cli:
         try:
             if typ is bool:
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                return value.lower() in ("true", "1")
+                return {"true": True, "1": True, "false": False, "0": False}[value.lower()]
             value = typ(value) if typ in (int, float) else value
-        except ValueError:
+        except (KeyError, ValueError):
             raise UserError(f"--{key}={value} is not a valid {typ.__name__}") from None
     if typ is float and type(value) is int:
         value = float(value)
@@ -104,9 +100,8 @@ def read_preset(path):
 
 
 def parse_config(argv, *configs, doc=None):
-    """Apply an optional preset file (first argument) and --key=value / --key value / --flag arguments
-    to the dataclass instances, in place. -h / --help prints doc (the script's docstring) and the keys,
-    then exits 0. Returns the set of keys that were set."""
+    """Apply an optional preset file (first argument), then --key=value / --key value / --flag arguments,
+    to the dataclass instances in place; returns the keys set. -h / --help prints doc and the keys, exits 0."""
     if "-h" in argv or "--help" in argv:
         print((doc.strip() + "\n\n" if doc else "")
               + "Options (--key=value; a preset file of key = value lines may come first):")
@@ -121,14 +116,11 @@ def parse_config(argv, *configs, doc=None):
             raise UserError(f"unexpected argument {a!r}: use --key=value")
         key, eq, value = a[2:].partition("=")
         if key in fields and not eq:  # --key value, or a bare --flag for booleans
-            if fields[key][1].type is bool and (not args or args[0].startswith("--")):
-                value = "True"
-            elif args and not args[0].startswith("--"):
-                value = args.pop(0)
-            else:
+            has_value = bool(args) and not args[0].startswith("--")
+            if not has_value and fields[key][1].type is not bool:
                 raise UserError(f"--{key} needs a value: --{key}=VALUE")
+            value = args.pop(0) if has_value else "True"
         items.append((key, value, True))
-    seen = set()
     for key, value, from_cli in items:
         if key not in fields:
             raise UserError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(fields))}")
@@ -140,12 +132,9 @@ def parse_config(argv, *configs, doc=None):
             getattr(obj, key).extend(values)
         else:
             setattr(obj, key, _coerce(key, value, f.type, from_cli))
-        seen.add(key)
-    return seen
+    return {key for key, _, _ in items}
 
 
 def print_config(*configs):
     for c in configs:
-        print(f"{type(c).__name__}:")
-        for k, v in dataclasses.asdict(c).items():
-            print(f"  {k} = {v!r}")
+        print(f"{type(c).__name__}:", *(f"  {k} = {v!r}" for k, v in dataclasses.asdict(c).items()), sep="\n")

@@ -117,11 +117,8 @@ def make_facts(num_entities, seed):
                 taken.add(name.lower())
                 return name
 
-    entities = []
-    for _ in range(num_entities):
-        ent = {"name": new_name(), "capital": new_name()}
-        ent.update({attr: rng.choice(pool) for attr, pool in POOLS.items()})
-        entities.append(ent)
+    entities = [{"name": new_name(), "capital": new_name(), **{attr: rng.choice(pool) for attr, pool in POOLS.items()}}
+                for _ in range(num_entities)]
 
     def documents(ent, templates, n):
         # Every template is used about equally often (so each entity's training text surely holds
@@ -219,17 +216,13 @@ def _read_pieces(f):
                 buf, started = buf[cut:], True
 
 
-def _open(source):
-    # a path, or text already in memory (the downloaded Tiny Shakespeare)
-    if isinstance(source, io.StringIO):
-        source.seek(0)
-        return contextlib.nullcontext(source)
-    return open(source, encoding="utf-8")
-
-
 def _file_pieces(source):
+    if isinstance(source, io.StringIO):  # text already in memory (the downloaded Tiny Shakespeare)
+        source.seek(0)
+        yield from _read_pieces(source)
+        return
     try:
-        with _open(source) as f:
+        with open(source, encoding="utf-8") as f:
             yield from _read_pieces(f)
     except UnicodeDecodeError:
         raise UserError(f"--input {source} is not UTF-8 text; convert it to UTF-8 first") from None
@@ -281,8 +274,7 @@ def _nbytes(text):
 
 
 def _bpe_sample(pieces):
-    """The first BPE_SAMPLE_BYTES of training text (documents each followed by a line break), and
-    whether that is all of it."""
+    """The first BPE_SAMPLE_BYTES of training text (a line break after each document) and whether that is all of it."""
     parts, size = [], 0
     for split, text, eot in pieces:
         if split != "train":
@@ -402,14 +394,6 @@ def _write_ids(ranks, pieces, paths, dtype, total_bytes, progress):
 
 # ----------------------------------------------------------------------------- the whole job
 
-def _write_atomic(path, data):
-    # write then rename: a crash or error never leaves a half-written file under the final name
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _parse_tokenizer_spec(spec):
     if spec.startswith("bpe:"):
         if not regex.fullmatch(r"[0-9]+", spec[4:]) or int(spec[4:]) < 257:
@@ -462,8 +446,7 @@ def _sha256(data):
 
 
 def _inputs_record(dataset, tokenizer, inputs, files, num_entities, seed, val_fraction):
-    """What the data is made from, as meta.json records it: a folder is only replaced silently by
-    data made from the same record."""
+    """What meta.json records as the data's inputs: only data made from the same record replaces a folder silently."""
     record = {"format": FORMAT, "dataset": dataset}
     if dataset == "facts":
         record.update(entities=num_entities, seed=seed)
@@ -479,11 +462,10 @@ def _inputs_record(dataset, tokenizer, inputs, files, num_entities, seed, val_fr
         record.update(input=[os.path.abspath(p) for p in inputs], files=len(files),
                       bytes=sum(os.path.getsize(p) for p in files), files_sha256=h.hexdigest()[:16],
                       val_fraction=val_fraction)
+    record["tokenizer"] = tokenizer
     if tokenizer.endswith(".tiktoken"):
         with open(tokenizer, "rb") as f:
             record["tokenizer"] = "file sha256:" + _sha256(f.read())[:16]
-    else:
-        record["tokenizer"] = tokenizer
     return record
 
 
@@ -597,10 +579,8 @@ def prepare(dataset="facts", input=None, tokenizer=None, out_dir=None, seed=1337
     del sample
     enc = make_encoding(ranks)
     if facts is not None:
-        names = [e["name"] for e in facts["entities"]]
-        capitals = [e["capital"] for e in facts["entities"]]
-        n_names = sum(len(enc.encode_ordinary(" " + s)) == 1 for s in names)
-        n_caps = sum(len(enc.encode_ordinary(" " + s)) == 1 for s in capitals)
+        names, capitals = ([e[k] for e in facts["entities"]] for k in ("name", "capital"))
+        n_names, n_caps = (sum(len(enc.encode_ordinary(" " + s)) == 1 for s in ws) for ws in (names, capitals))
         print(f"entity names single-token: {n_names}/{len(names)}, capitals: {n_caps}/{len(capitals)}")
         if n_names < len(names) or n_caps < len(capitals):
             kind, n = _parse_tokenizer_spec(tokenizer)
@@ -608,13 +588,12 @@ def prepare(dataset="facts", input=None, tokenizer=None, out_dir=None, seed=1337
                                        n if kind == "bpe" else 256, num)
             raise UserError(f"with --tokenizer {tokenizer} some names are split into several tokens; raise N in "
                             f"--tokenizer bpe:N" + (f" (--tokenizer bpe:{fix} works)" if fix else ""))
-    vocab_size = enc.n_vocab
-    dtype = np.uint16 if vocab_size <= 65536 else np.uint32
+    dtype = np.uint16 if enc.n_vocab <= 65536 else np.uint32
     tokenizer_bytes = tiktoken_bytes(ranks)
 
     # 4. token ids, streamed into temporary files; then everything is renamed into place, meta.json
     # last, so that a crash never leaves a half-prepared folder under the real names
-    names = ["train.bin", "val.bin", "tokenizer.tiktoken"] + (["facts.json"] if facts else [])
+    names = ["train.bin", "val.bin", "tokenizer.tiktoken"] + (["facts.json"] if facts else []) + ["meta.json"]
     tmp = {n: os.path.join(out_dir, n + ".tmp") for n in names}
     made_dir = not os.path.isdir(out_dir)
     try:
@@ -626,30 +605,30 @@ def prepare(dataset="facts", input=None, tokenizer=None, out_dir=None, seed=1337
                 raise UserError(f"no {split} text: the corpus has {docs[other]} documents and every "
                                 f"{1 / val_fraction:.3g}th is validation (--val_fraction {val_fraction}); "
                                 "pass more documents or another --val_fraction")
-        with open(tmp["tokenizer.tiktoken"], "wb") as f:
-            f.write(tokenizer_bytes)
-        if facts is not None:
-            facts_json = {"seed": seed, "num_entities": len(facts["entities"]), "entities": facts["entities"],
-                          "probes": facts["probes"], "chance": facts["chance"],
-                          "train_templates": TRAIN_TEMPLATES, "val_templates": VAL_TEMPLATES}
-            with open(tmp["facts.json"], "wb") as f:
-                f.write(json.dumps(facts_json, indent=1).encode())
         itemsize = np.dtype(dtype).itemsize
         # what checkpoints can record to name their data: the tokenizer, the ids' sizes and the inputs
         fingerprint = _sha256(tokenizer_bytes + json.dumps(
             {"inputs": record, "train_bytes": tokens["train"] * itemsize, "val_bytes": tokens["val"] * itemsize},
             sort_keys=True).encode())[:16]
         meta = {"dataset": dataset, "tokenizer": {"spec": tokenizer, "file": "tokenizer.tiktoken"},
-                "vocab_size": vocab_size, "eot_id": enc.eot_token, "train_tokens": tokens["train"],
+                "vocab_size": enc.n_vocab, "eot_id": enc.eot_token, "train_tokens": tokens["train"],
                 "val_tokens": tokens["val"], "dtype": np.dtype(dtype).name, "seed": seed, "bpe_seconds": bpe_seconds,
                 "inputs": record, "tokenizer_sha256": _sha256(tokenizer_bytes), "fingerprint": fingerprint}
+        contents = {"tokenizer.tiktoken": tokenizer_bytes, "meta.json": json.dumps(meta, indent=2).encode()}
+        if facts is not None:
+            facts_json = {"seed": seed, "num_entities": len(facts["entities"]), "entities": facts["entities"],
+                          "probes": facts["probes"], "chance": facts["chance"],
+                          "train_templates": TRAIN_TEMPLATES, "val_templates": VAL_TEMPLATES}
+            contents["facts.json"] = json.dumps(facts_json, indent=1).encode()
+        for n, data in contents.items():
+            with open(tmp[n], "wb") as f:
+                f.write(data)
         # the old meta.json goes first: an interrupted swap leaves a folder that says it is not prepared
         for stale in ["meta.json"] + ([] if facts else ["facts.json"]):  # (facts.json of an earlier facts run)
             if os.path.exists(os.path.join(out_dir, stale)):
                 os.remove(os.path.join(out_dir, stale))
-        for n in names:
+        for n in names:  # meta.json last
             os.replace(tmp[n], os.path.join(out_dir, n))
-        _write_atomic(os.path.join(out_dir, "meta.json"), json.dumps(meta, indent=2).encode())
     except BaseException as e:
         for path in tmp.values():
             with contextlib.suppress(OSError):
@@ -663,7 +642,7 @@ def prepare(dataset="facts", input=None, tokenizer=None, out_dir=None, seed=1337
 
     bpe_time = f"{bpe_seconds:.2f} s" if bpe_seconds is not None else "none (pretrained)"
     print(f"dataset: {dataset}" + (f" ({len(facts['entities'])} entities)" if facts else ""))
-    print(f"tokenizer: {tokenizer}, vocab size {vocab_size} (eot id {enc.eot_token}), BPE training {bpe_time}")
+    print(f"tokenizer: {tokenizer}, vocab size {enc.n_vocab} (eot id {enc.eot_token}), BPE training {bpe_time}")
     if facts is None and single is None:
         print(f"documents: {docs['train']:,} train, {docs['val']:,} val (every {1 / val_fraction:.3g}th)")
     print(f"tokens: {tokens['train']:,} train, {tokens['val']:,} val ({meta['dtype']})")

@@ -1,23 +1,22 @@
 """
-Sample from a trained model, and edit what it knows about a token. It does not train (train.py) or
-time anything (bench.py); fact recall over many probes is --eval_facts here and claims.py.
+Sample from a trained model, and edit what it knows about a token. It does not train (train.py) or time anything
+(bench.py); fact recall over many probes is --eval_facts here and claims.py.
 
     python sample.py                                         # out/ckpt.pt, samples from an empty prompt
     python sample.py --start="The capital of Zurgilpil is" --greedy
     python sample.py --start="The capital of Zurgilpil is" --greedy --edit "Zurgilpil=Kemel"
     python sample.py --eval_facts                            # fact recall on the facts probes
 
-Knowledge editing (STEM paper, s. 5): the text stays the same, but at the positions of Source's
-tokens every STEM layer looks up Target's rows. When the two differ in token count, --edit_align
-says how to line them up: left_pad (Target right-aligned over Source, spare positions get the
-end-of-text row), copy (Target's tokens stretched over Source's positions) or average (every
-Source position gets the mean of Target's rows). A Target of more tokens than Source fits only
-with average: left_pad and copy would drop some of its tokens, so they refuse it.
+Knowledge editing (STEM paper, s. 5): the text stays the same, but at the positions of Source's tokens every STEM
+layer looks up Target's rows. When the two differ in token count, --edit_align says how to line them up: left_pad
+(Target right-aligned over Source, spare positions get the end-of-text row), copy (Target's tokens stretched over
+Source's positions) or average (every Source position gets the mean of Target's rows). A Target of more tokens than
+Source fits only with average: left_pad and copy would drop some of its tokens, so they refuse it.
 
-A sample ends at the first end-of-text token the model writes (--stop_at_eot=False prints on to
-max_new_tokens). A prompt longer than the model's block_size is cut to its last block_size tokens,
-with a note saying so. The tokenizer comes from --data_dir (default: the data the checkpoint was
-trained on); one whose hash differs from the checkpoint's record is refused.
+A sample ends at the first end-of-text token the model writes (--stop_at_eot=False prints on to max_new_tokens). A
+prompt longer than the model's block_size is cut to its last block_size tokens, with a note saying so. The tokenizer
+comes from --data_dir (default: the data the checkpoint was trained on); one whose hash differs from the
+checkpoint's record is refused.
 """
 
 import json
@@ -71,6 +70,8 @@ def check_config(sc):
     sources = [parse_edit(e)[0] for e in sc.edit]
     twice = sorted({x for x in sources if sources.count(x) > 1})
     require(not twice, f"--edit names {', '.join(twice)} as Source more than once: one Target per Source")
+    require(not (sc.edit and sc.offload and sc.edit_align == "average"), "--edit_align=average writes rows and needs "
+            "the tables on the device: drop --offload or use --edit_align=left_pad|copy")
     require(not (sc.eval_facts and sc.edit), "--eval_facts measures the model as trained (and prints its own edit "
             "test over 100 entity pairs): drop --edit, or drop --eval_facts to sample with the edit")
 
@@ -108,26 +109,18 @@ def until_eot(tokens, eot_id):
     return tokens[:tokens.index(eot_id)] if eot_id in tokens else tokens
 
 
-def find_tokens(enc, ids, word):
-    """Token ids of `word` as it is written in the prompt (with or without a leading space) and the
-    start positions where that run occurs in ids."""
-    for form in (" " + word, word):
-        toks = enc.encode(form)
-        starts = [i for i in range(len(ids) - len(toks) + 1) if ids[i:i + len(toks)] == toks]
-        if starts:
-            return toks, starts, form
-    return None, [], None
-
-
 def plan_edits(enc, ids, edits, align, eot_id, where="the prompt"):
-    """-> (stem_ids, averaged): stem_ids is the prompt's lookup id stream with the edits applied
-    (left_pad, copy); averaged lists (positions, target ids) whose rows are replaced by the mean of
-    the target rows (average)."""
+    """-> (stem_ids, averaged): the prompt's lookup ids with the left_pad / copy edits applied, and the
+    (positions, target ids) of the average edits, whose rows become the mean of the target rows."""
     stem_ids, averaged = list(ids), []
     for e in edits:
         src, tgt = parse_edit(e)
-        s_toks, starts, form = find_tokens(enc, ids, src)
-        if not starts:
+        for form in (" " + src, src):  # Source as the prompt writes it: with or without a leading space
+            s_toks = enc.encode(form)
+            starts = [i for i in range(len(ids) - len(s_toks) + 1) if ids[i:i + len(s_toks)] == s_toks]
+            if starts:
+                break
+        else:
             raise UserError(f"--edit {e}: {src!r} does not occur in {where}; put it in --start or fix the spelling")
         t_toks = enc.encode(form[:len(form) - len(src)] + tgt)  # the same leading-space form as Source
         ns, nt = len(s_toks), len(t_toks)
@@ -141,9 +134,8 @@ def plan_edits(enc, ids, edits, align, eot_id, where="the prompt"):
             elif align == "copy" or ns == nt:  # stretch Target over Source's positions
                 for i in range(ns):
                     stem_ids[s + i] = t_toks[i * nt // ns]
-            else:  # left_pad: right-align; spare Source positions look up the end-of-text row
-                aligned = ([eot_id] * (ns - nt) + t_toks)[-ns:]
-                stem_ids[s:s + ns] = aligned
+            else:  # left_pad (nt < ns): right-align; spare Source positions look up the end-of-text row
+                stem_ids[s:s + ns] = [eot_id] * (ns - nt) + t_toks
     return stem_ids, averaged
 
 
@@ -178,36 +170,30 @@ def main(argv=None):
     check_provenance(ckpt, load_meta(data_dir), data_dir, ckpt_path, key="tokenizer_sha256")
     enc = load_tokenizer(data_dir)
     model = model_from_checkpoint(ckpt, ckpt_path).eval()  # on the CPU until the tables are placed
-    engine, stem_fn = None, None
-    if sc.offload:
-        engine = offload.OffloadedTables(model, device, train=False, cache_rows=sc.offload_cache_rows)
-        stem_fn = engine.stem_fn
+    engine = (offload.OffloadedTables(model, device, train=False, cache_rows=sc.offload_cache_rows)
+              if sc.offload else None)
+    stem_fn = engine.stem_fn if engine is not None else None
     model.to(device)
     print(f"{note}; checkpoint {ckpt_path} (step {ckpt['iter']}, STEM layers {model.stem_layers or 'none'})")
 
     if sc.eval_facts:
         facts_path = os.path.join(data_dir, "facts.json")
-        if not os.path.isfile(facts_path):
-            raise UserError(f"{data_dir} is not a facts dataset (no facts.json): --eval_facts needs one")
+        require(os.path.isfile(facts_path),
+                f"{data_dir} is not a facts dataset (no facts.json): --eval_facts needs one")
         facts = json.load(open(facts_path))
-        rec = fact_recall(model, enc, facts["probes"], device, ctx, stem_fn=stem_fn)
-        print(f"fact recall {rec['recall']:.3f} over {len(facts['probes'])} probes (" +
-              ", ".join(f"{k} {v:.2f}" for k, v in rec.items() if k != "recall") + ")")
+        tests = [("fact recall", facts["probes"], "probes (")]
         if model.stem_layers:  # swap A's rows for B's: how often does the answer become B's?
-            probes = edit_probes(facts, enc)
+            tests.append(("edit success", edit_probes(facts, enc), "edited probes (100 random entity pairs; "))
+        for name, probes, what in tests:
             rec = fact_recall(model, enc, probes, device, ctx, stem_fn=stem_fn)
-            print(f"edit success {rec['recall']:.3f} over {len(probes)} edited probes (100 random entity pairs; " +
-                  ", ".join(f"{k} {v:.2f}" for k, v in rec.items() if k != "recall") + ")")
+            print(f"{name} {rec['recall']:.3f} over {len(probes)} {what}"
+                  + ", ".join(f"{k} {v:.2f}" for k, v in rec.items() if k != "recall") + ")")
         report_cache(engine)
         return
 
     ids = enc.encode(start, allowed_special={"<|endoftext|>"}) if start else [enc.eot_token]
-    if max(ids) >= model.cfg.vocab_size:
-        raise UserError(f"the prompt encodes to id {max(ids)}, outside the model's vocabulary of "
-                        f"{model.cfg.vocab_size}: is --data_dir the data this model was trained on?")
-    if sc.edit and engine is not None and sc.edit_align == "average":
-        raise UserError("--edit_align=average writes rows and needs the tables on the device: drop --offload "
-                        "or use --edit_align=left_pad|copy")
+    require(max(ids) < model.cfg.vocab_size, f"the prompt encodes to id {max(ids)}, outside the model's vocabulary of "
+            f"{model.cfg.vocab_size}: is --data_dir the data this model was trained on?")
     if sc.edit and not model.stem_layers:
         raise UserError(f"--edit needs STEM layers, and {ckpt_path} is a ffn={model.cfg.ffn} model without any")
     where, bs = "the prompt", model.cfg.block_size
@@ -232,20 +218,17 @@ def main(argv=None):
         with ctx:
             y = model.generate(x, sc.max_new_tokens, temperature=temperature, top_k=sc.top_k, stem_ids=s_ids,
                                stem_fn=fn, generator=gen, prefill_chunk=sc.prefill_chunk)
-        for row in y.tolist():
-            new = row[len(ids):]
-            if sc.stop_at_eot:  # generate() runs on to max_new_tokens; what follows an end-of-text is dropped
-                new = until_eot(new, enc.eot_token)
+        for row in y.tolist():  # generate() runs on to max_new_tokens; what follows an end-of-text is dropped
+            new = until_eot(row[len(ids):], enc.eot_token) if sc.stop_at_eot else row[len(ids):]
             print(enc.decode((ids if start else []) + new))
             print("---")
     report_cache(engine)
 
 
 def report_cache(engine):
-    if engine is not None and engine.cache is not None:
-        c = engine.cache
-        if c.hits + c.misses:
-            print(f"offload row cache: {c.n} rows, hit rate {c.hit_rate():.3f} ({c.hits} hits, {c.misses} misses)")
+    c = engine.cache if engine is not None else None
+    if c is not None and c.hits + c.misses:
+        print(f"offload row cache: {c.n} rows, hit rate {c.hit_rate():.3f} ({c.hits} hits, {c.misses} misses)")
 
 
 if __name__ == "__main__":

@@ -138,12 +138,6 @@ def tiktoken_bytes(ranks):
     return "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in by_rank).encode()
 
 
-def save_tiktoken(ranks, path):
-    with open(path + ".tmp", "wb") as f:  # write, then rename: never half a file under the real name
-        f.write(tiktoken_bytes(ranks))
-    os.replace(path + ".tmp", path)
-
-
 def load_ranks(path):
     # Same format as tiktoken.load.load_tiktoken_bpe, parsed here because that function caches
     # files by their path (in /tmp/data-gym-cache) and would return a stale vocabulary after

@@ -170,9 +170,6 @@ def build(tc, mc, ckpt, device, ddp, keys_set):
         except ValueError as e:
             raise UserError(f"{os.path.join(tc.out_dir, 'ckpt.pt')}: {e}") from None
         state.update({k: ckpt[k] for k in state if k in ckpt})
-        if "tokens" not in ckpt:  # written before tokens were counted
-            saved = ckpt["config"]["train"]
-            state["tokens"] = ckpt["iter"] * saved["batch_size"] * saved["grad_accum"] * mc.block_size
         torch.set_rng_state(ckpt["rng"]["torch"])
         if ckpt["rng"].get("cuda") is not None and device.startswith("cuda"):
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
@@ -308,7 +305,8 @@ def train(tc, mc, keys_set):
               + (f"; DDP over {world} processes" if ddp else "") + f"; tables: {tables.describe()}")
     tokens_per_step = tc.batch_size * mc.block_size * tc.grad_accum * world
     if master:
-        print_accounting(raw_model, *accounting, tc=tc, tokens_per_step=tokens_per_step)
+        print_accounting(raw_model, *accounting, tc=tc, tokens_per_step=tokens_per_step,
+                         table_bytes=offload.device_bytes(mc, tc.batch_size, grad_accum=tc.grad_accum))
         print(f"data: {tc.data_dir} ({meta['dataset']}, vocab {meta['vocab_size']}, "
               f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens)")
     paths = {k: os.path.join(tc.out_dir, f) for k, f in
@@ -416,9 +414,8 @@ def train(tc, mc, keys_set):
 
     if ddp:
         log(f"DDP: parameter checksums across ranks {'agree' if ranks_agree(raw_model, world) else 'DIFFER'}")
-        # free the DDP wrapper (it holds the process group) before destroying the group: left to
-        # interpreter exit, gloo's threads were sometimes torn down mid-finalization (std::terminate
-        # after "done", in about 1 of 15 CPU runs under load; none in 35 with this)
+        # free the DDP wrapper (it holds the process group) before destroying the group: left to interpreter
+        # exit, gloo's threads were sometimes torn down mid-finalization (std::terminate, 1 in 15 CPU runs)
         del model
         gc.collect()
         torch.distributed.destroy_process_group()

@@ -1,11 +1,7 @@
-# A real run on one GPU: GPT-2-small's shape (12 layers, d 768, 12 heads, context 1024; SwiGLU
-# width 2048 = 2/3 of GPT-2's 3072, so the dense FFN costs what GPT-2's does) with GPT-2's tokenizer
-# and STEM in the paper's third of the layers (1, 4, 7, 10).
-# python prepare_data.py --dataset=text --input=YOUR_CORPUS --tokenizer=gpt2 --out_dir=data/corpus
-# python train.py presets/gpt2_small_stem.py                  # tables on the GPU
-# python train.py presets/gpt2_small_stem.py --offload=True   # tables in host memory
-# python train.py presets/gpt2_small_stem.py --ffn=swiglu --out_dir=out/gpt2-small-swiglu   # the dense twin
-# The README's "Train a real model on one GPU" gives memory and an hour estimate.
+# A real run on one GPU: GPT-2-small's shape, GPT-2's tokenizer, STEM in the paper's third of the layers
+# (1, 4, 7, 10). SwiGLU width 2048 = 2/3 of GPT-2's 3072, so a dense FFN costs what GPT-2's does.
+#   python train.py presets/gpt2_small_stem.py [--offload=True]       # README, "Train a real model on one GPU"
+#   python train.py presets/gpt2_small_stem.py --ffn=swiglu --out_dir=out/gpt2-small-swiglu   # the dense twin
 data_dir = "data/corpus"
 out_dir = "out/gpt2-small-stem"
 n_layer = 12
@@ -24,9 +20,6 @@ log_interval = 10
 learning_rate = 6e-4  # GPT-3 small's
 min_lr = 6e-5
 warmup_iters = 200
-weight_decay = 0.1
-# lazy: only the rows of a step's tokens move (the paper's dense AdamW sweeps all 4 x 50,257 rows
-# each step; pass --table_optimizer=dense for it). Lazy is what --offload runs.
-table_optimizer = "lazy"
+table_optimizer = "lazy"  # only the rows of a step's tokens move: what --offload runs (dense: the paper's)
 eval_facts = False
 keep_best = True

@@ -1,9 +1,6 @@
-# Quality comparison on Tiny Shakespeare with GPT-2's BPE (vocab 50,257).
-# python prepare_data.py --dataset shakespeare --tokenizer gpt2 --out_dir data/shakespeare-gpt2
-#   (offline: --input PATH/tinyshakespeare.txt --tokenizer PATH/r50k_base.tiktoken)
-# python train.py presets/shakespeare.py --ffn=swiglu --seed=1 --out_dir=runs/shakespeare-swiglu-s1
-# The lazy table optimizer: dense AdamW would sweep every row of vocab x ffn_hidden tables each step
-# (50,257 rows, of which a step touches a few hundred), which costs more than the model on a CPU.
+# Tiny Shakespeare with GPT-2's BPE (vocab 50,257), for the quality runs of claims.sh:
+#   python prepare_data.py --dataset shakespeare --tokenizer gpt2 --out_dir data/shakespeare-gpt2
+#   python train.py presets/shakespeare.py --ffn=swiglu --seed=1 --out_dir=runs/shakespeare-swiglu-s1
 data_dir = "data/shakespeare-gpt2"
 n_layer = 4
 n_head = 4
@@ -17,4 +14,4 @@ eval_iters = 10
 learning_rate = 1e-3
 min_lr = 1e-4
 warmup_iters = 20
-table_optimizer = "lazy"
+table_optimizer = "lazy"  # dense AdamW would sweep all 50,257 rows a step, more than the model costs

@@ -1,11 +1,11 @@
 """Nothing lost, nothing silent (train.py and bench.py): each test is a row of the bad-input table in
 the README. Bad input gets one `error:` line and exit code 1, and the files already there are unchanged."""
+import fcntl
 import json
 import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
@@ -59,15 +59,18 @@ def test_a_busy_out_dir_is_refused_and_a_dead_runs_lock_taken_over(facts, tmp_pa
     out = tmp_path / "run"
     out.mkdir()
     lock = out / "train.lock"
-    lock.write_text(f"{socket.gethostname()} {os.getpid()} 2026-12-02 10:00:00")  # this test process: alive
     args = [f"--data_dir={facts}", f"--out_dir={out}", "--max_iters=1", "--eval_interval=1", "--eval_facts=False",
             *TINY]
-    assert_user_error(run_inproc("train.py", *args, ok=False), "in use by another training run", "another --out_dir")
-    assert os.listdir(out) == ["train.lock"]
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    lock.write_text(f"{socket.gethostname()} {dead.stdout.strip()} 2026-12-02 10:00:00")  # a crashed run's lock
+    with open(lock, "w") as held:  # a run in progress holds the lock (flock is per open file: this one conflicts)
+        held.write("otherhost pid 12345 since 2026-12-02 10:00:00")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        p = run_inproc("train.py", *args, ok=False)
+    assert_user_error(p, "in use by another training run (otherhost pid 12345", "another --out_dir")
+    assert os.listdir(out) == ["train.lock"]  # the refused run touched nothing
+    # the lock file a crashed run leaves is no longer locked (the OS dropped it with the process): taken over
     p = run_inproc("train.py", *args)
-    assert "taking over" in p.stdout and not lock.exists()
+    assert not lock.exists()
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 1
 
 
