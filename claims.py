@@ -10,15 +10,11 @@ the STEM paper's claims checked at small scale (claims.sh runs the whole sequenc
     python claims.py --mode context --ckpt=STEM_RUN --ckpt_swiglu=SWIGLU_RUN  # claim 7: Heaps' law, loss by position
     python claims.py --mode summary --claims_dir=runs/claims                  # claims.sh's outputs, mean ± sd
 
-Not here: speed and memory (bench.py).
-
-A run is a train.py --out_dir: curves reads its metrics.jsonl, quality and stability that and its ckpt.pt,
-spread, locality and context the checkpoint (file or run folder) with the data it was trained on. quality
-groups the runs in runs_dir by name, DATASET-ARCH-sSEED (as claims.sh names them). Each mode prints a header,
-a table, and as its last line one JSON object holding every figure. Plots go to --plot_dir (out/claims).
+A run is a train.py --out_dir (metrics.jsonl, ckpt.pt); spread, locality and context read a checkpoint (file or
+run folder) with the data it was trained on. Each mode prints a header, a table, and as its last line one JSON
+object holding every figure. Plots go to --plot_dir (out/claims). Not here: speed and memory (bench.py).
 """
 
-import functools
 import glob
 import json
 import math
@@ -38,7 +34,7 @@ from bench import ckpt_file, plot, table
 from common import (Batches, check_provenance, edit_probes, fact_recall, load_checkpoint, load_meta,
                     model_from_checkpoint, resolve_device)
 from configurator import UserError, die, parse_config, require
-from model import GPT, SwiGLU
+from model import GPT
 from tokenizer import load_tokenizer
 
 MODES = ("curves", "quality", "stability", "spread", "locality", "context", "summary")
@@ -72,27 +68,29 @@ class ClaimsConfig:
 
 
 def read_evals(run):
-    """The eval rows of run/metrics.jsonl in step order (iter, tokens, val_loss and, on facts data,
-    recall), and its train rows."""
+    """(eval rows, train rows) of run/metrics.jsonl, each in step order."""
     path = os.path.join(run, "metrics.jsonl")
     require(os.path.isfile(path), f"{run} holds no metrics.jsonl: give run folders (train.py's --out_dir)")
     try:
-        rows = [json.loads(line) for line in open(path) if line.strip()]
+        rows = sorted((json.loads(line) for line in open(path) if line.strip()), key=lambda r: r["iter"])
     except ValueError:
         raise UserError(f"{path} is not JSON lines (one object a line, as train.py writes)") from None
-    return sorted((r for r in rows if r["kind"] == "eval"), key=lambda r: r["iter"]), [
-        r for r in rows if r["kind"] == "train"]
+    return [r for r in rows if r["kind"] == "eval"], [r for r in rows if r["kind"] == "train"]
 
 
-def finished(run):
-    """The checkpoint of a finished run; None, with a note, for a run that has none yet or is not finished."""
-    path = os.path.join(run, "ckpt.pt")
-    ckpt = load_checkpoint(path) if os.path.isfile(path) else None
-    if ckpt is None or ckpt["iter"] != ckpt["config"]["train"]["max_iters"]:
-        print(f"# skipping {os.path.basename(run)}: unfinished (" + ("no checkpoint yet)" if ckpt is None else
-              f"{ckpt['iter']} of {ckpt['config']['train']['max_iters']} steps)"))
-        return None
-    return ckpt
+def finished_runs(runs_dir, pattern=r".+"):
+    """(run folder, its name's match, checkpoint) of each finished run in runs_dir; a note for an unfinished one."""
+    require(os.path.isdir(runs_dir), f"runs_dir={runs_dir}: no such folder of runs (claims.sh trains them)")
+    for name in sorted(os.listdir(runs_dir)):
+        m, run = re.fullmatch(pattern, name), os.path.join(runs_dir, name)
+        if not m or not os.path.isfile(os.path.join(run, "metrics.jsonl")):
+            continue
+        ckpt = load_checkpoint(os.path.join(run, "ckpt.pt")) if os.path.isfile(os.path.join(run, "ckpt.pt")) else None
+        if ckpt is None or ckpt["iter"] != ckpt["config"]["train"]["max_iters"]:
+            print(f"# skipping {name}: unfinished (" + ("no checkpoint yet)" if ckpt is None else
+                  f"{ckpt['iter']} of {ckpt['config']['train']['max_iters']} steps)"))
+        else:
+            yield run, m, ckpt
 
 
 def draw_curves(plot_dir, name, groups, title, flops=None):
@@ -118,16 +116,16 @@ def draw_curves(plot_dir, name, groups, title, flops=None):
 
 def claims_curves(cc):
     runs = [r for r in cc.runs.split(",") if r]
+    require(runs, "--mode curves needs --runs=RUN,RUN...: run folders (train.py --out_dir), e.g. --runs=out,out2")
+    require(len(set(runs)) == len(runs), f"runs={cc.runs!r} names a run twice")
     ev = {r: read_evals(r)[0] for r in runs}
-    empty = [r for r in runs if not ev[r]]
-    require(not empty, f"{', '.join(empty)}: no evaluation yet in metrics.jsonl (one every --eval_interval steps)")
+    require(all(ev.values()), f"{', '.join(r for r in runs if not ev[r])}: no evaluation yet in metrics.jsonl (one "
+            f"every --eval_interval steps)")
     at = {r: {e["iter"]: e for e in ev[r]} for r in runs}
-    recall = [r for r in runs if all("recall" in e for e in ev[r])]  # facts data
-    rows = []
+    rows, recall = [], [r for r in runs if all("recall" in e for e in ev[r])]  # recall: the runs on facts data
     for s in sorted({e["iter"] for r in runs for e in ev[r]}):
         here = [r for r in runs if s in at[r]]
-        tokens = sorted({at[r][s]["tokens"] for r in here})
-        rows.append(dict(step=str(s), tokens=" / ".join(f"{t:,}" for t in tokens),
+        rows.append(dict(step=str(s), tokens=" / ".join(f"{t:,}" for t in sorted({at[r][s]["tokens"] for r in here})),
                          **{f"val {r}": f"{at[r][s]['val_loss']:.4f}" if r in here else "-" for r in runs},
                          **{f"recall {r}": f"{at[r][s]['recall']:.3f}" if r in here else "-" for r in recall}))
     table(rows, list(rows[0]))
@@ -140,20 +138,12 @@ def claims_curves(cc):
 
 
 def claims_quality(cc):
-    require(os.path.isdir(cc.runs_dir), f"no runs in {cc.runs_dir}: run `CLAIMS=1-3 bash claims.sh` first")
     groups = {}  # (dataset, arch) -> finished runs
-    for name in sorted(os.listdir(cc.runs_dir)):
-        m, run = re.fullmatch(r"([^-]+)-(.+)-s\d+", name), os.path.join(cc.runs_dir, name)
-        if not m or not os.path.isfile(os.path.join(run, "metrics.jsonl")):
-            continue
-        ckpt = finished(run)
-        if ckpt is None:
-            continue
-        tc = ckpt["config"]["train"]
-        model = model_from_checkpoint(ckpt, run)
-        edit, facts_path = None, os.path.join(tc["data_dir"], "facts.json")
+    for run, m, ckpt in finished_runs(cc.runs_dir, r"([^-]+)-(.+)-s\d+"):
+        model, data_dir = model_from_checkpoint(ckpt, run), ckpt["config"]["train"]["data_dir"]
+        edit, facts_path = None, os.path.join(data_dir, "facts.json")
         if model.stem_layers and os.path.isfile(facts_path):  # knowledge editing by row swaps, 100 entity pairs
-            enc = load_tokenizer(tc["data_dir"])
+            enc = load_tokenizer(data_dir)
             edit = fact_recall(model, enc, edit_probes(json.load(open(facts_path)), enc), "cpu")["recall"]
         ev, tr = read_evals(run)
         groups.setdefault(m.groups(), []).append(dict(ev=ev, counts=model.param_counts(), edit=edit,
@@ -178,9 +168,8 @@ def claims_quality(cc):
                          best_val=f"{res['best_val_loss_mean']:.3f}",
                          recall=f"{res['recall_mean']:.3f} ± {rsd:.3f}" if rec else "-",
                          edit=f"{res['edit_success_mean']:.3f}" if edits else "-",
-                         total=f"{c['total'] / 1e6:.2f}M", tables=f"{c['tables'] / 1e6:.2f}M",
-                         active=f"{c['active'] / 1e6:.2f}M", flops=f"{runs[0]['flops'] / 1e6:.1f}M",
-                         tok_s=f"{res['tok_per_s']:,.0f}"))
+                         **{k: f"{c[k] / 1e6:.2f}M" for k in ("total", "tables", "active")},
+                         flops=f"{runs[0]['flops'] / 1e6:.1f}M", tok_s=f"{res['tok_per_s']:,.0f}"))
     table(rows, list(rows[0]))
     for dataset in sorted({d for d, _ in groups}):
         g = {arch: runs for (d, arch), runs in sorted(groups.items()) if d == dataset}
@@ -193,21 +182,18 @@ def claims_quality(cc):
 
 
 # -----------------------------------------------------------------------------
-# the paper's claims at small scale (claims.sh runs them all): the pure functions first (tests import
-# them), then one mode per claim: spread (5), stability (4), context (7), locality (6)
+# the paper's claims at small scale (claims.sh runs them all): the pure functions first, then a mode per claim
 
 
 def pairwise_abs_cos(x):
-    """|cos| of every pair of distinct rows of x (n, d), as a flat float64 array of n(n-1)/2 values
-    (the upper triangle of the cosine matrix). A zero row has |cos| 0 with everything."""
+    """|cos| of the n(n-1)/2 pairs of distinct rows of x (n, d), flat float64; a zero row has |cos| 0 with all."""
     x = np.asarray(x, dtype=np.float64)
     u = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-300)
     return np.minimum(np.abs(u @ u.T)[np.triu_indices(len(x), 1)], 1.0)  # rounding can pass 1 for parallel rows
 
 
 def pairwise_abs_cos_stats(x):
-    """{median, p95} of the pairwise |cos| of the rows of x (n >= 2 rows); p95 as numpy's default
-    (linear interpolation between order statistics)."""
+    """{median, p95} of the pairwise |cos| of the rows of x (n >= 2), p95 interpolated linearly (numpy's default)."""
     c = pairwise_abs_cos(x)
     if c.size == 0:
         raise ValueError("pairwise |cos| needs at least 2 rows")
@@ -227,8 +213,8 @@ def mean_distinct(data, T, windows, rng):
 
 
 def running_excess(losses, window):
-    """[(t, loss[t] - median of the finite losses among loss[t-window:t])] for t >= window; the excess is
-    inf where loss[t] is not finite, and None where the window holds no finite loss."""
+    """[(t, loss[t] - median of the finite losses among loss[t-window:t])] for t >= window: inf where loss[t]
+    is not finite, None where the window holds no finite loss."""
     out = []
     for t in range(window, len(losses)):
         prev = [v for v in losses[t - window:t] if math.isfinite(v)]
@@ -249,8 +235,8 @@ SPIKE_DEFINITION = ("a spike is a step t (after the first W) whose training loss
 
 @torch.no_grad()
 def position_losses(model, x, y, ctx, chunk=4):
-    """Cross-entropy at each position of each window x -> y (B, T): (B, T) float64 on the CPU. In chunks
-    of `chunk` windows, so that a 50k-way vocabulary's logits stay small."""
+    """Cross-entropy at each position of x -> y (B, T): (B, T) float64 on the CPU; in chunks of windows, so that
+    a 50k-way vocabulary's logits stay small."""
     out = []
     for i in range(0, x.size(0), chunk):
         xb, yb = x[i:i + chunk], y[i:i + chunk]
@@ -262,29 +248,28 @@ def position_losses(model, x, y, ctx, chunk=4):
 
 @torch.no_grad()
 def swap_rows(model, a, b):
-    """In every table of the model, rows a[i] and b[i] change places (twice restores). a and b: lists
-    of token ids of equal length, no id in both."""
+    """In every table of the model, rows a[i] and b[i] (ids, none in both) change places; twice restores."""
     assert len(a) == len(b) and not set(a) & set(b), (a, b)
     ia, ib = torch.tensor(a), torch.tensor(b)
     for f in model.stem_ffns():
-        ra, rb = f.table[ia].clone(), f.table[ib].clone()
-        f.table[ia], f.table[ib] = rb, ra
+        f.table[ia], f.table[ib] = f.table[ib].clone(), f.table[ia].clone()
 
 
-def load_model(path, device, what="--ckpt"):
-    """(model in eval mode on device, checkpoint, its data folder, that folder's meta)."""
-    path = ckpt_file(path)
+def load_model(cc, device, key="ckpt", data=None):
+    """(model in eval mode on device, checkpoint, its data folder, that folder's meta) of --ckpt, which must have
+    table layers, or of --ckpt_swiglu, a SwiGLU model trained on data = --ckpt's (data folder, meta)."""
+    path = ckpt_file(getattr(cc, key))
     ckpt = load_checkpoint(path)
-    data_dir = ckpt["config"]["train"]["data_dir"]
-    meta = load_meta(data_dir)
+    data_dir, meta = data or (ckpt["config"]["train"]["data_dir"], load_meta(ckpt["config"]["train"]["data_dir"]))
     check_provenance(ckpt, meta, data_dir, path)
     model = model_from_checkpoint(ckpt, path).to(device).eval()
-    print(f"# {what}: {path} (step {ckpt['iter']} of {ckpt['config']['train']['max_iters']}, ffn={model.cfg.ffn}, "
+    print(f"# --{key}: {path} (step {ckpt['iter']} of {ckpt['config']['train']['max_iters']}, ffn={model.cfg.ffn}, "
           f"stem_layers={model.cfg.stem_layers}, table layers {model.stem_layers or 'none'}, data {data_dir})")
+    if key == "ckpt":
+        require(model.stem_layers, f"{path} has no table layers (ffn={model.cfg.ffn}): --ckpt must be a STEM model")
+    else:
+        require(model.cfg.ffn == "swiglu", f"{path} is ffn={model.cfg.ffn}: --ckpt_swiglu must be SwiGLU (swapped?)")
     return model, ckpt, data_dir, meta
-
-
-# ---- spread (claim 5): STEM rows near-orthogonal against a random baseline; dense W_up x clusters
 
 
 def top_ids(data_dir, meta, n):
@@ -297,9 +282,8 @@ def top_ids(data_dir, meta, n):
 
 @torch.no_grad()
 def up_outputs(model, layers, ids, data_dir, meta, max_tokens, batch, device, ctx):
-    """For each layer, one W_up x vector per id: the SwiGLU up-projection's output at the positions of
-    train.bin holding that id, averaged (windows of block_size spread evenly over the file, at most
-    max_tokens in all). -> ({layer: (len(found), ffn)}, the ids found in the order of `ids`, tokens read)."""
+    """Per layer, the SwiGLU up-projection's output averaged over the positions of each id in windows spread evenly
+    over train.bin (max_tokens in all) -> ({layer: (len(found), ffn)}, the ids found in `ids` order, tokens read)."""
     data = np.memmap(os.path.join(data_dir, "train.bin"), dtype=np.dtype(meta["dtype"]), mode="r")
     T, W = model.cfg.block_size, model.cfg.ffn_hidden
     slot = torch.full((meta["vocab_size"],), -1, dtype=torch.long)
@@ -309,27 +293,25 @@ def up_outputs(model, layers, ids, data_dir, meta, max_tokens, batch, device, ct
     hooks = [model.blocks[L].ffn.up.register_forward_hook(lambda m, i, o, L=L: got.__setitem__(L, o)) for L in layers]
     n_windows = max(1, min(max_tokens, len(data) - 1) // T)
     starts = np.linspace(0, len(data) - T, n_windows).astype(np.int64)  # evenly over the file
-    try:
-        for w0 in range(0, n_windows, batch):
-            x = torch.from_numpy(np.stack([np.asarray(data[s:s + T]) for s in starts[w0:w0 + batch]]).astype(np.int64))
-            with ctx:
-                model(x.to(device))  # targets=None: the head runs on the last position only
-            s = slot[x.reshape(-1)]  # (n,) slot of each position, -1 when not a wanted id
-            pos = (s >= 0).nonzero().squeeze(1)
-            for L in layers:
-                sums[L].index_add_(0, s[pos], got[L].reshape(-1, W).float().cpu()[pos].double())
-            counts.index_add_(0, s[pos], torch.ones(len(pos), dtype=torch.float64))
-    finally:
-        for h in hooks:
-            h.remove()
+    for w0 in range(0, n_windows, batch):
+        x = torch.from_numpy(np.stack([np.asarray(data[s:s + T]) for s in starts[w0:w0 + batch]]).astype(np.int64))
+        with ctx:
+            model(x.to(device))  # targets=None: the head runs on the last position only
+        s = slot[x.reshape(-1)]  # (n,) slot of each position, -1 when not a wanted id
+        pos = (s >= 0).nonzero().squeeze(1)
+        for L in layers:
+            sums[L].index_add_(0, s[pos], got[L].reshape(-1, W).float().cpu()[pos].double())
+        counts.index_add_(0, s[pos], torch.ones(len(pos), dtype=torch.float64))
+    for h in hooks:
+        h.remove()
     found = (counts > 0).nonzero().squeeze(1)
     vecs = {L: (sums[L][found] / counts[found, None]).numpy() for L in layers}
     return vecs, [ids[i] for i in found.tolist()], n_windows * T
 
 
 def claims_spread(cc, device, ctx):
-    stem, ckpt, data_dir, meta = load_model(cc.ckpt, device)
-    require(stem.stem_layers, f"{cc.ckpt} has no table layers (ffn={stem.cfg.ffn}): --ckpt must be a STEM checkpoint")
+    """Claim 5: STEM's table rows are near-orthogonal (against random vectors), SwiGLU's W_up x cluster."""
+    stem, ckpt, data_dir, meta = load_model(cc, device)
     layers, layer = stem.stem_layers, stem.stem_layers[0]  # every table layer, and the first as the headline
     ids, present = top_ids(data_dir, meta, cc.spread_ids)
     require(len(ids) >= 2, f"{data_dir}/train.bin holds fewer than 2 distinct ids")
@@ -337,25 +319,21 @@ def claims_spread(cc, device, ctx):
     init, W = GPT(stem.cfg), stem.cfg.ffn_hidden
     swiglu, found, read = {}, ids, 0
     if cc.ckpt_swiglu:
-        dense, dckpt, _, _ = load_model(cc.ckpt_swiglu, device, "--ckpt_swiglu")
-        check_provenance(dckpt, meta, data_dir, ckpt_file(cc.ckpt_swiglu))
+        dense = load_model(cc, device, "ckpt_swiglu", (data_dir, meta))[0]
         require(dense.cfg.ffn_hidden == W, f"--ckpt_swiglu has ffn_hidden={dense.cfg.ffn_hidden}, the STEM model "
                 f"{W}: |cos| depends on the width, so the two must match")
-        bad = [L for L in layers if type(dense.blocks[L].ffn) is not SwiGLU]
-        require(not bad, f"layer(s) {bad} of --ckpt_swiglu are not SwiGLU (ffn={dense.cfg.ffn}): no W_up to compare")
         swiglu, found, read = up_outputs(dense, layers, ids, data_dir, meta, cc.spread_tokens, cc.batch_size, device,
                                          ctx)
         require(len(found) >= 2, f"fewer than 2 of the top ids occur in the {read} tokens read: raise --spread_tokens")
-        print(f"# {len(ids) - len(found)} of the {len(ids)} ids do not occur in the {read:,} tokens read: every "
-              f"entry uses the {len(found)} that do" if len(found) < len(ids) else "# every id occurs in them")
+        print(f"# {len(found)} of the {len(ids)} ids occur in the {read:,} tokens read: |cos| over those")
     rand = torch.randn(len(ids), W, generator=torch.Generator().manual_seed(0)).numpy()[[ids.index(i) for i in found]]
     names = dict(trained="STEM table, trained", init="STEM table, at init (same seed)",
                  random=f"Gaussian N(0,1), width {W}", swiglu_up="SwiGLU W_up x (mean per id)")
     per_layer, rows = [], []
     for L in layers:
         vecs = dict(trained=stem.blocks[L].ffn.table.detach().cpu()[found].double().numpy(),
-                    init=init.blocks[L].ffn.table.detach()[found].double().numpy(), random=rand)
-        vecs.update({"swiglu_up": swiglu[L]} if swiglu else {})
+                    init=init.blocks[L].ffn.table.detach()[found].double().numpy(), random=rand,
+                    **({"swiglu_up": swiglu[L]} if swiglu else {}))
         per_layer.append(dict(dict(layer=L, swiglu_up=None), **{k: pairwise_abs_cos_stats(v) for k, v in vecs.items()}))
         rows += [dict(layer=str(L) + (" (headline)" if L == layer else ""), rows=names[k],
                       median=f"{per_layer[-1][k]['median']:.4f}", p95=f"{per_layer[-1][k]['p95']:.4f}") for k in vecs]
@@ -365,32 +343,20 @@ def claims_spread(cc, device, ctx):
                  "below", {k: list(zip(np.quantile(pairwise_abs_cos(v), qs).tolist(), qs.tolist())) for k, v in
                            vecs.items()}, title=f"layer {layer}, {len(found)} most frequent ids")
     table(rows, ["layer", "rows", "median", "p95"])
-    print(f"# |cos| over the {len(found) * (len(found) - 1) // 2:,} pairs of the {len(found)} most frequent ids of "
-          f"{data_dir}/train.bin ({present:,} distinct ids occur); random vectors of width {W} give a median "
-          f"about 0.674/sqrt({W}) = {0.674 / W ** 0.5:.4f} and a P95 about 1.96/sqrt({W}) = {1.96 / W ** 0.5:.4f}")
-    if swiglu:
-        print(f"# SwiGLU: the output of blocks[{'/'.join(map(str, layers))}].ffn.up on {read:,} tokens of train.bin "
-              f"(windows of {stem.cfg.block_size} spread evenly over it), averaged over each id's positions")
-    print(f"# headline: layer {layer}, the first table layer; plot: {cc.plot_dir}/spread_abs_cos_cdf.png")
-    return {"spread": {k: per_layer[0][k] for k in ("trained", "init", "random", "swiglu_up")}, "layer": layer,
-            "per_layer": per_layer, "ids": len(found), "ids_asked": cc.spread_ids, "swiglu_tokens_read": read,
-            "ffn_hidden": W}
-
-
-# ---- stability (claim 4): loss spikes in training runs, per FFN and learning rate
+    print(f"# |cos| over the pairs of the {len(found)} most frequent ids of {data_dir}/train.bin ({present:,} ids "
+          f"occur); random vectors give a median about 0.674/sqrt({W}) = {0.674 / W ** 0.5:.4f}, a P95 about "
+          f"1.96/sqrt({W}) = {1.96 / W ** 0.5:.4f}" + (f"; SwiGLU: ffn.up's output on {read:,} tokens of train.bin, "
+          f"averaged per id" if swiglu else "") + f"; plot: {cc.plot_dir}/spread_abs_cos_cdf.png")
+    return dict(spread={k: per_layer[0][k] for k in ("trained", "init", "random", "swiglu_up")}, layer=layer,
+                per_layer=per_layer, ids=len(found), ids_asked=cc.spread_ids, swiglu_tokens_read=read, ffn_hidden=W)
 
 
 def claims_stability(cc):
-    """Loss spikes in the training losses of the finished runs in runs_dir, grouped by FFN and learning
-    rate (claims.sh trains swiglu, stem and hash_moe at the preset's learning rate and at 3x)."""
-    require(os.path.isdir(cc.runs_dir), f"runs_dir={cc.runs_dir}: no such folder of runs")
+    """Claim 4: loss spikes in the training losses of the finished runs in runs_dir, by FFN and learning rate."""
     runs = []
-    for run in sorted(p for p in glob.glob(os.path.join(cc.runs_dir, "*")) if os.path.isdir(p)):
-        ckpt = finished(run)
-        if ckpt is None:
-            continue
+    for run, _, ckpt in finished_runs(cc.runs_dir):
         c = ckpt["config"]
-        losses = [r["loss"] for r in sorted(read_evals(run)[1], key=lambda r: r["iter"])]
+        losses = [r["loss"] for r in read_evals(run)[1]]
         spikes = count_spikes(losses, cc.spike_window, cc.spike_margin)
         excess = [e for _, e in running_excess(losses, cc.spike_window) if e is not None and math.isfinite(e)]
         runs.append(dict(run=run, ffn=c["model"]["ffn"], learning_rate=c["train"]["learning_rate"],
@@ -401,8 +367,7 @@ def claims_stability(cc):
     summary, rows = [], []
     for lr in sorted({r["learning_rate"] for r in runs}):
         for ffn in sorted({r["ffn"] for r in runs if r["learning_rate"] == lr}):
-            rs = [r for r in runs if r["ffn"] == ffn and r["learning_rate"] == lr]
-            col = lambda k: [r[k] for r in rs]  # noqa: E731
+            col = lambda k: [r[k] for r in runs if r["ffn"] == ffn and r["learning_rate"] == lr]  # noqa: E731
             s = dict(ffn=ffn, learning_rate=lr, seeds=col("seed"), spikes_per_seed=col("spikes"),
                      spikes_mean=statistics.mean(col("spikes")), final_loss_mean=statistics.mean(col("final_loss")),
                      max_excess=max((e for e in col("max_excess") if e is not None), default=None),
@@ -422,23 +387,15 @@ def claims_stability(cc):
                               runs_dir=cc.runs_dir, summary=summary, runs=runs)}
 
 
-# ---- context (claim 7): distinct ids vs context length (Heaps' law), per-position loss STEM - SwiGLU
-
-
 def claims_context(cc, device, ctx, keys_set):
-    data_dir = cc.data_dir
-    models = None
-    if cc.ckpt:
-        stem, ckpt, stem_data, meta = load_model(cc.ckpt, device)
-        dense, dckpt, _, _ = load_model(cc.ckpt_swiglu, device, "--ckpt_swiglu")
-        check_provenance(dckpt, meta, stem_data, ckpt_file(cc.ckpt_swiglu))
-        require(stem.stem_layers and dense.cfg.ffn == "swiglu", f"--ckpt is ffn={stem.cfg.ffn} and --ckpt_swiglu "
-                f"ffn={dense.cfg.ffn}: --ckpt must have table layers and --ckpt_swiglu be SwiGLU (swapped?)")
-        require(dense.cfg.block_size == stem.cfg.block_size, f"the two checkpoints have block_size "
-                f"{stem.cfg.block_size} and {dense.cfg.block_size}: per-position losses need the same context")
-        if "data_dir" in keys_set:
-            check_provenance(ckpt, load_meta(data_dir), data_dir, ckpt_file(cc.ckpt))
-        data_dir, models = stem_data, (stem, dense)
+    """Claim 7: distinct ids against context length (Heaps' law); the loss by position, STEM - SwiGLU."""
+    data_dir, models = cc.data_dir, None
+    if cc.ckpt:  # the data the two were trained on, which a --data_dir given must be
+        given = (data_dir, load_meta(data_dir)) if "data_dir" in keys_set else None
+        stem, _, data_dir, meta = load_model(cc, device, "ckpt", given)
+        models = (stem, load_model(cc, device, "ckpt_swiglu", (data_dir, meta))[0])
+        require(models[1].cfg.block_size == stem.cfg.block_size, f"the two checkpoints have block_size "
+                f"{stem.cfg.block_size} and {models[1].cfg.block_size}: per-position losses need the same context")
     meta = load_meta(data_dir)
     data = np.memmap(os.path.join(data_dir, "train.bin"), dtype=np.dtype(meta["dtype"]), mode="r")
     Ts = [16 * 2 ** i for i in range(40) if 16 * 2 ** i <= min(cc.context_max, len(data))]  # 16, 32, ...
@@ -448,9 +405,8 @@ def claims_context(cc, device, ctx, keys_set):
     k, beta = heaps_fit(Ts, D)
     table([dict(T=str(T), distinct=f"{d:.1f}", fraction=f"{d / T:.3f}", fit=f"{k * T ** beta:.1f}")
            for T, d in zip(Ts, D)], ["T", "distinct", "fraction", "fit"])
-    print(f"# distinct ids (= table rows a STEM layer reads) in a window of T tokens of {data_dir}/train.bin, mean "
-          f"over {cc.context_windows} random windows; Heaps fit D = k T^beta (least squares in log-log): "
-          f"k = {k:.3f}, beta = {beta:.3f}" + (" (sublinear)" if beta < 1 else ""))
+    print(f"# distinct ids (= table rows a STEM layer reads) in T tokens of {data_dir}/train.bin, mean over "
+          f"{cc.context_windows} windows; Heaps fit D = k T^beta (log-log least squares): k {k:.3f}, beta {beta:.3f}")
     plot(os.path.join(cc.plot_dir, "context_distinct_ids.png"), "context length T (tokens)", "distinct ids in it",
          {"measured": list(zip(Ts, D)), f"fit {k:.2f} T^{beta:.3f}": [(T, k * T ** beta) for T in Ts],
           "T (all distinct)": [(T, T) for T in Ts]}, logx=True, logy=True)
@@ -459,181 +415,149 @@ def claims_context(cc, device, ctx, keys_set):
         B, gen = cc.batch_size, torch.Generator().manual_seed(0)
         batches = Batches(data_dir, meta, models[0].cfg.block_size, B, "cpu", seed=0)
         windows = [[t.to(device) for t in batches.get("val", gen, to_device=False)] for _ in range(cc.context_batches)]
-        ls, ld = (torch.cat([position_losses(m, x, y, ctx) for x, y in windows]) for m in models)  # (windows, T)
-        per_window = (ls - ld).numpy()  # STEM - SwiGLU, the same windows for both
-        ls, ld = ls.mean(0).numpy(), ld.mean(0).numpy()
-        diff = ls - ld
-        T, n_win = len(diff), len(per_window)
+        ls, ld = (torch.cat([position_losses(m, x, y, ctx) for x, y in windows]).numpy() for m in models)
+        per_window = ls - ld  # (windows, T): STEM - SwiGLU, the same windows for both
+        ls, ld, diff = ls.mean(0), ld.mean(0), per_window.mean(0)
+        n_win, T = per_window.shape
         pos = np.arange(T)
-        slope, icpt = np.polyfit(pos, diff, 1)
-        # the slope is linear in the data: the mean of the per-window slopes; its standard error from their spread
-        slopes = np.polyfit(pos, per_window.T, 1)[0]
+        slopes, icpts = np.polyfit(pos, per_window.T, 1)  # a fit is linear in the data: the fit of the mean is
+        slope, icpt = slopes.mean(), icpts.mean()  # the mean of the per-window fits, its standard error their spread
         se = float(slopes.std(ddof=1) / n_win ** 0.5) if n_win > 1 else float("nan")
-        q = max(1, T // 4)
+        q, w = max(1, T // 4), max(1, T // 8)  # quarters; the table's blocks, eighths
         first, last = float(diff[:q].mean()), float(diff[-q:].mean())
-        w = max(1, T // 8)  # the block in eighths
         table([dict(positions=f"{a}-{min(T, a + w) - 1}", stem=f"{ls[a:a + w].mean():.4f}",
                     swiglu=f"{ld[a:a + w].mean():.4f}", diff=f"{diff[a:a + w].mean():+.4f}") for a in range(0, T, w)],
               ["positions", "stem", "swiglu", "diff"])
         grows = bool(slope < -2 * se)
         verdict = ("grows with position" if grows else "shrinks with position" if slope > 2 * se else
                    "shows no trend with position beyond 2 standard errors")
-        print(f"# validation loss per position (0 = the first predicted token, context of 1), mean over "
-              f"{cc.context_batches} x {B} windows of val.bin; diff = STEM - SwiGLU (negative: STEM better); "
-              f"least-squares slope {slope:+.2e} ± {se:.1e} (standard error over the windows) nats per position "
-              f"(first quarter {first:+.4f}, last quarter {last:+.4f}): STEM's advantage {verdict}")
+        print(f"# val loss per position (0: context of 1), mean over {cc.context_batches} x {B} windows of val.bin; "
+              f"diff = STEM - SwiGLU (negative: STEM better); slope {slope:+.2e} ± {se:.1e} (standard error) nats "
+              f"per position (first quarter {first:+.4f}, last {last:+.4f}): STEM's advantage {verdict}")
         fit = [(0, icpt), (T - 1, icpt + slope * (T - 1))]
         plot(os.path.join(cc.plot_dir, "context_loss_diff_by_position.png"), "position in the context",
              "val loss STEM - SwiGLU (nats)", {"STEM - SwiGLU": list(zip(pos.tolist(), diff.tolist())),
                                                f"fit, slope {slope:+.2e}": fit})
         res.update(windows_loss=cc.context_batches * B, loss_stem=ls.tolist(), loss_swiglu=ld.tolist(),
-                   diff=diff.tolist(), slope=float(slope), slope_se=se, intercept=float(icpt),
-                   diff_first_quarter=first, diff_last_quarter=last, advantage_grows=grows, verdict=verdict,
-                   mean_diff=float(diff.mean()))
-    print(f"# plots: {cc.plot_dir}/context_distinct_ids.png" +
-          (f", {cc.plot_dir}/context_loss_diff_by_position.png" if models else ""))
+                   diff=diff.tolist(), mean_diff=float(diff.mean()), slope=float(slope), slope_se=se,
+                   intercept=float(icpt), diff_first_quarter=first, diff_last_quarter=last, advantage_grows=grows,
+                   verdict=verdict)
+    print(f"# plots: {cc.plot_dir}/context_*.png")
     return {"context": res}
 
 
-# ---- locality (claim 6): an edit of A changes A's facts, not C's in the same prompt; untouched rows change nothing
-
-
 @torch.no_grad()
-def greedy(model, ids, steps, device, stem_ids=None):
+def greedy(model, ids, steps, device, ctx, stem_ids=None):
     """(the greedy continuation's tokens, the logits at every position of the prompt) for one prompt."""
     x = torch.tensor([ids], device=device)
     s = None if stem_ids is None else torch.tensor([stem_ids], device=device)
-    out = model.generate(x, steps, temperature=0, stem_ids=s)[0, len(ids):].tolist()
-    logits, _ = model(x, x, stem_ids=s)  # with targets: the logits of every position (the loss is not used)
+    with ctx:
+        out = model.generate(x, steps, temperature=0, stem_ids=s)[0, len(ids):].tolist()
+        logits, _ = model(x, x, stem_ids=s)  # with targets: the logits of every position (the loss is not used)
     return out, logits[0].float().cpu()
 
 
 LOCALITY_ATTRIBUTE = "capital"  # the two-entity probes ask for this attribute (1 in 400 by chance)
+LOCALITY_FIGURES = (  # (figure, the count it is a fraction of, what it is)
+    ("unchanged", "pairs", "locality: C's answer unchanged by the edit A->B"),
+    ("c_correct", "pairs", "  C answered correctly without the edit"),
+    ("c_correct_edited", "pairs", "  C answered correctly with the edit"),
+    ("control_unchanged", "control_pairs", "control: rows of D, E (not looked up) swapped: answer unchanged"),
+    ("control_identical_logits", "control_pairs", "  logits at every prompt position bitwise identical"),
+    ("positive_changed_logits", "positive_pairs", "positive control: rows of A, B swapped: prompt logits changed"))
 
 
 def claims_locality(cc, device, ctx):
-    model, ckpt, data_dir, meta = load_model(cc.ckpt, device)
-    require(model.stem_layers, f"{cc.ckpt} has no table layers (ffn={model.cfg.ffn}): --ckpt must be a STEM checkpoint")
+    """Claim 6: an edit of A changes A's facts, not C's in the same prompt; rows never looked up change nothing."""
+    model, _, data_dir, _ = load_model(cc, device)
     facts_path = os.path.join(data_dir, "facts.json")
     require(os.path.isfile(facts_path), f"{data_dir} is not a facts dataset (no facts.json): --mode locality needs one")
     facts, enc = json.load(open(facts_path)), load_tokenizer(data_dir)
-    recall = fact_recall(model, enc, facts["probes"], device, ctx)["recall"]
     probes = edit_probes(facts, enc)
-    edit = fact_recall(model, enc, probes, device, ctx)["recall"]
+    recall, edit = (fact_recall(model, enc, p, device, ctx)["recall"] for p in (facts["probes"], probes))
     model.eval()  # fact_recall leaves the model in train mode
     cap = {p["entity"]: p for p in facts["probes"] if p["attribute"] == LOCALITY_ATTRIBUTE}
     names, rng = sorted(cap), random.Random(0)
-    n = dict(pairs=0, skipped=0, unchanged=0, correct=0, correct_edited=0, control=0, control_unchanged=0,
-             control_identical=0, positive=0, positive_changed=0)
-
-    def toks(name):
-        return enc.encode(" " + name)
+    n = dict.fromkeys(["pairs", "skipped", "control_pairs", "positive_pairs"] + [f[0] for f in LOCALITY_FIGURES], 0)
+    toks = {m: enc.encode(" " + m) for m in names}
 
     def swappable(x, y):  # rows of the same number of tokens, none shared
-        return len(toks(x)) == len(toks(y)) and not set(toks(x)) & set(toks(y))
+        return len(toks[x]) == len(toks[y]) and not set(toks[x]) & set(toks[y])
 
     def swapped(x, y):  # the prompt's answer and logits with the table rows of entities x and y swapped
-        swap_rows(model, toks(x), toks(y))
-        with ctx:
-            out = greedy(model, ids, steps, device)
-        swap_rows(model, toks(x), toks(y))  # back
+        swap_rows(model, toks[x], toks[y])
+        out = greedy(model, ids, steps, device, ctx)
+        swap_rows(model, toks[x], toks[y])  # back
         return out
     for _ in range(cc.locality_pairs):
         a, c, b = rng.sample(names, 3)
         prompt = cap[a]["prompt"] + cap[a]["answer"] + ". " + cap[c]["prompt"]
-        edited = re.sub(rf"\b{re.escape(a)}\b", b, prompt)
-        ids, sids = enc.encode(prompt), enc.encode(edited)
+        ids, sids = enc.encode(prompt), enc.encode(re.sub(rf"\b{re.escape(a)}\b", b, prompt))  # sids: A read as B
         if len(ids) != len(sids) or len(ids) > model.cfg.block_size - 8:
             n["skipped"] += 1  # a swap that changes the token count has no position-wise edit
             continue
         steps = len(enc.encode(cap[c]["answer"]))
-        with ctx:
-            plain, plain_logits = greedy(model, ids, steps, device)
-            moved, _ = greedy(model, ids, steps, device, sids)
+        plain, plain_logits = greedy(model, ids, steps, device, ctx)
+        moved, _ = greedy(model, ids, steps, device, ctx, sids)
         n["pairs"] += 1
         n["unchanged"] += moved == plain
-        n["correct"] += enc.decode(plain).startswith(cap[c]["answer"])
-        n["correct_edited"] += enc.decode(moved).startswith(cap[c]["answer"])
+        n["c_correct"] += enc.decode(plain).startswith(cap[c]["answer"])
+        n["c_correct_edited"] += enc.decode(moved).startswith(cap[c]["answer"])
         used = set(ids) | set(plain)  # every id the unedited run looks up (prompt, then its own answer)
         # control: swap the table rows of D and E, two entities whose tokens the run never looks up
         for _ in range(20):
             d, e = rng.sample([m for m in names if m not in (a, c)], 2)
-            if swappable(d, e) and not set(toks(d) + toks(e)) & used:
+            if swappable(d, e) and not set(toks[d] + toks[e]) & used:
                 out, logits = swapped(d, e)
-                n["control"] += 1
+                n["control_pairs"] += 1
                 n["control_unchanged"] += out == plain
-                n["control_identical"] += bool(torch.equal(logits, plain_logits))
+                n["control_identical_logits"] += bool(torch.equal(logits, plain_logits))
                 break
         if swappable(a, b):  # positive control: the same row swap on A, whose tokens are in the prompt
-            n["positive"] += 1
-            n["positive_changed"] += not torch.equal(swapped(a, b)[1], plain_logits)
+            n["positive_pairs"] += 1
+            n["positive_changed_logits"] += not torch.equal(swapped(a, b)[1], plain_logits)
     require(n["pairs"] > 0, f"no two-entity probe of {data_dir} keeps its token count under the edit")
-    frac = lambda k, of: n[k] / n[of] if n[of] else None  # noqa: E731
-    loc = dict(fact_recall=recall, edit_success=edit, edit_probes=len(probes), pairs=n["pairs"], skipped=n["skipped"],
-               unchanged=frac("unchanged", "pairs"), c_correct=frac("correct", "pairs"),
-               c_correct_edited=frac("correct_edited", "pairs"), control_pairs=n["control"],
-               control_unchanged=frac("control_unchanged", "control"),
-               control_identical_logits=frac("control_identical", "control"), positive_pairs=n["positive"],
-               positive_changed_logits=frac("positive_changed", "positive"))
-    table([dict(what=w, value="-" if loc[k] is None else f"{loc[k]:.3f}", n=str(m)) for w, k, m in (
+    loc = dict(n, fact_recall=recall, edit_success=edit, edit_probes=len(probes),
+               **{k: n[k] / n[of] if n[of] else None for k, of, _ in LOCALITY_FIGURES})  # counts -> fractions
+    table([dict(what=w, value="-" if loc[k] is None else f"{loc[k]:.3f}", n=str(m)) for w, k, m in [
         ("fact recall (all probes)", "fact_recall", len(facts["probes"])),
-        ("edit success: A's prompt with B's rows answers B's fact", "edit_success", len(probes)),
-        ("locality: C's answer unchanged by the edit A->B", "unchanged", n["pairs"]),
-        ("  C answered correctly without the edit", "c_correct", n["pairs"]),
-        ("  C answered correctly with the edit", "c_correct_edited", n["pairs"]),
-        ("control: rows of D, E (not looked up) swapped: answer unchanged", "control_unchanged", n["control"]),
-        ("  logits at every prompt position bitwise identical", "control_identical_logits", n["control"]),
-        ("positive control: rows of A, B swapped: prompt logits changed", "positive_changed_logits", n["positive"]))],
-        ["what", "value", "n"])
-    print(f"# two-entity probes: '{cap[names[0]]['prompt']}{cap[names[0]]['answer']}. <the same for C>' -> C's "
-          f"{LOCALITY_ATTRIBUTE}; the edit looks A's tokens up through B's rows (stem_ids, as sample.py --edit); "
-          f"greedy answers of len(C's answer) tokens compared. {n['skipped']} random triples skipped (token count "
-          f"changes). Control: a STEM layer reads only the rows of the ids at its positions, so rows of ids the run "
-          f"never looks up cannot change anything: 1.0 exactly is the expected value, not a measurement of the model")
+        ("edit success: A's prompt with B's rows answers B's fact", "edit_success", len(probes))]
+        + [(w, k, n[of]) for k, of, w in LOCALITY_FIGURES]], ["what", "value", "n"])
+    print(f"# probes '{cap[names[0]]['prompt']}{cap[names[0]]['answer']}. <C's>' -> C's {LOCALITY_ATTRIBUTE}; the edit "
+          f"reads A's tokens through B's rows (sample.py --edit); {n['skipped']} triples skipped (token count "
+          f"changes). Control: rows never looked up cannot change anything: 1.0 exactly is expected, not a measurement")
     if model.stem_layers[0] == model.cfg.n_layer - 1:
         print(f"# note: the first table layer is the last layer ({model.stem_layers[0]}): no attention follows it, so "
               f"an edit cannot reach C's positions and locality is 1.0 by construction here")
     return {"locality": loc}
 
 
-# -----------------------------------------------------------------------------
-# summary: claims.sh's outputs, one line per figure, mean ± sd over the seeds
-
-
-def last_json(path):
+def last_json(path, mode):
     try:
-        return json.loads(open(path).read().strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        raise UserError(f"{path} does not end in a JSON line (unfinished?): delete it, run claims.sh again") from None
+        return json.loads(open(path).read().strip().splitlines()[-1])[mode]
+    except (ValueError, IndexError, KeyError, TypeError):
+        raise UserError(f"{path} does not end in a JSON line of --mode {mode} (unfinished?): delete it, run claims.sh "
+                        f"again") from None
 
 
-def mean_sd(vals):
-    """{mean, sd (0 for one value), per_seed} of the values that are not None; None if none are."""
-    vals = [v for v in vals if v is not None]
-    return dict(mean=statistics.mean(vals), sd=statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                per_seed=vals) if vals else None
-
-
-SEED_FIGURES = [  # (mode, what it shows, [(figure, its path in the mode's JSON line, format)]), per seed
+SEED_FIGURES = [  # (mode, what it shows, {figure in the mode's JSON line (spread: ROWS_STAT): format})
     ("spread", "claim 5: pairwise |cos| of the rows, headline layer",
-     [(f"{k}_{q}", ("spread", k, q), ".4f") for k in ("trained", "init", "random", "swiglu_up") for q in ("median",
-                                                                                                        "p95")]),
-    ("locality", "claim 6: edits on facts data",
-     [(k, ("locality", k), ".4f") for k in ("fact_recall", "edit_success", "unchanged", "c_correct", "c_correct_edited",
-                                            "control_unchanged")]),
+     {f"{k}_{q}": ".4f" for k in ("trained", "init", "random", "swiglu_up") for q in ("median", "p95")}),
+    ("locality", "claim 6: edits on facts data", dict.fromkeys(
+        ("fact_recall", "edit_success", "unchanged", "c_correct", "c_correct_edited", "control_unchanged"), ".4f")),
     ("context", "claim 7: val loss STEM - SwiGLU by position (negative: STEM better; slope < 0: the gap grows)",
-     [(k, ("context", k), f) for k, f in (("mean_diff", "+.4f"), ("diff_first_quarter", "+.4f"),
-                                          ("diff_last_quarter", "+.4f"), ("slope", "+.2e"), ("heaps_beta", ".3f"))])]
+     dict(mean_diff="+.4f", diff_first_quarter="+.4f", diff_last_quarter="+.4f", slope="+.2e", heaps_beta=".3f"))]
 
 
 def claims_summary(cc):
+    """claims.sh's outputs, one line per figure, mean ± sd over the seeds."""
     d, res = cc.claims_dir, {}
     require(os.path.isdir(d), f"claims_dir={d}: no such folder (bash claims.sh writes runs/claims)")
     if os.path.isfile(os.path.join(d, "quality.txt")):
         print("claims 1-3: see quality.txt (val loss, recall and edit success per model, mean ± sd over seeds)")
-        res["quality"] = last_json(os.path.join(d, "quality.txt"))["quality"]
+        res["quality"] = last_json(os.path.join(d, "quality.txt"), "quality")
     if os.path.isfile(os.path.join(d, "stability.txt")):
-        st = last_json(os.path.join(d, "stability.txt"))["stability"]
+        st = last_json(os.path.join(d, "stability.txt"), "stability")
         res["stability"] = st["summary"]
         print(f"claim 4: loss spikes per run ({st['definition']}; W {st['window']}, margin {st['margin']} nats)")
         for s in st["summary"]:
@@ -642,12 +566,16 @@ def claims_summary(cc):
     for mode, what, figures in SEED_FIGURES:
         groups = {}  # arch -> the JSON lines of MODE-ARCH-sSEED.txt
         for p in sorted(glob.glob(os.path.join(d, f"{mode}-*-s*.txt"))):
-            groups.setdefault(os.path.basename(p)[len(mode) + 1:].rsplit("-s", 1)[0], []).append(last_json(p))
+            groups.setdefault(os.path.basename(p)[len(mode) + 1:].rsplit("-s", 1)[0], []).append(last_json(p, mode))
         for arch, outs in groups.items():
             print(f"{what}; {arch}, {len(outs)} seed(s)")
-            for name, path, f in figures:
-                vals = [functools.reduce(lambda o, k: o.get(k) if o else None, path, o) for o in outs]  # o[k1][k2]..
-                s = res.setdefault(mode, {}).setdefault(arch, {})[name] = mean_sd(vals)
+            outs = [dict(o, **{f"{k}_{q}": x for k, v in o.items() if isinstance(v, dict) for q, x in v.items()})
+                    for o in outs]  # spread: {"trained": {"median": x}} -> trained_median
+            for name, f in figures.items():
+                vals = [o[name] for o in outs if o.get(name) is not None]  # mean ± sd (0 for one value) of these
+                s = res.setdefault(mode, {}).setdefault(arch, {})[name] = dict(
+                    mean=statistics.mean(vals), sd=statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                    per_seed=vals) if vals else None
                 if s:
                     print(f"  {name:20s} {s['mean']:{f}} ± {s['sd']:{f.lstrip('+')}}   per seed: "
                           + " ".join(f"{v:{f}}" for v in s["per_seed"]))
@@ -658,20 +586,13 @@ def claims_summary(cc):
 def check_config(cc):
     """Every value in range before anything is read or written: one error line otherwise."""
     require(cc.mode in MODES, f"mode={cc.mode!r} is not one of {', '.join(MODES)} (speed and memory: python bench.py)")
-    for k in ("batch_size", "spread_tokens", "spike_window", "context_windows", "context_batches", "locality_pairs"):
-        require(getattr(cc, k) >= 1, f"{k}={getattr(cc, k)} must be at least 1")
-    require(cc.spread_ids >= 2, f"spread_ids={cc.spread_ids} must be at least 2 (|cos| is over pairs of rows)")
+    for k, lo in dict(batch_size=1, spread_tokens=1, spike_window=1, context_windows=1, context_batches=1,
+                      locality_pairs=1, spread_ids=2, context_max=32).items():  # |cos| of pairs; T = 16, 32
+        require(getattr(cc, k) >= lo, f"{k}={getattr(cc, k)} must be at least {lo}")
     require(cc.spike_margin > 0, f"spike_margin={cc.spike_margin} must be positive (nats)")
-    require(cc.context_max >= 32, f"context_max={cc.context_max} must be at least 32 (windows of 16 and 32 at least)")
-    if cc.mode == "curves":
-        runs = [r for r in cc.runs.split(",") if r]
-        require(runs, "--mode curves needs --runs=RUN,RUN...: run folders (train.py --out_dir), e.g. --runs=out,out2")
-        require(len(set(runs)) == len(runs), f"runs={cc.runs!r} names a run twice")
-    if cc.mode in ("spread", "locality"):
-        require(cc.ckpt, f"--mode {cc.mode} needs --ckpt=STEM_CHECKPOINT (a ckpt.pt or its run folder)")
-    if cc.mode == "context":
-        require(bool(cc.ckpt) == bool(cc.ckpt_swiglu), "--mode context compares two checkpoints: give both --ckpt "
-                "and --ckpt_swiglu, or neither (distinct ids only)")
+    require(cc.ckpt or cc.mode not in ("spread", "locality"), f"--mode {cc.mode} needs --ckpt=STEM_RUN (or a ckpt.pt)")
+    require(cc.mode != "context" or bool(cc.ckpt) == bool(cc.ckpt_swiglu), "--mode context compares two checkpoints: "
+            "give both --ckpt and --ckpt_swiglu, or neither (distinct ids only)")
     for k in ("ckpt", "ckpt_swiglu") if cc.mode in ("spread", "context", "locality") else ():
         path = getattr(cc, k)
         require(not path or os.path.isfile(ckpt_file(path)), f"{k}={path}: no checkpoint there (ckpt.pt or its folder)")
@@ -684,10 +605,8 @@ def main(argv):
     check_config(cc)
     device, _, ctx, note = resolve_device(cc.device, cc.dtype)
     print(f"# nanoSTEM claims --mode {cc.mode} | {note} | torch {torch.__version__} | {time.strftime('%Y-%m-%d')}")
-    res = dict(curves=lambda: claims_curves(cc), quality=lambda: claims_quality(cc), summary=lambda: claims_summary(cc),
-               stability=lambda: claims_stability(cc), spread=lambda: claims_spread(cc, device, ctx),
-               locality=lambda: claims_locality(cc, device, ctx),
-               context=lambda: claims_context(cc, device, ctx, keys_set))[cc.mode]()
+    args = dict(spread=(device, ctx), locality=(device, ctx), context=(device, ctx, keys_set)).get(cc.mode, ())
+    res = globals()[f"claims_{cc.mode}"](cc, *args)  # the mode's function, claims_MODE
     res.update(mode=cc.mode, device=note, torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     print(json.dumps(res))
 

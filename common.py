@@ -7,6 +7,7 @@ code: model.py stands alone, and the config mechanism is configurator.py.
     from common import Batches, load_checkpoint, fact_recall     # as the scripts do
 """
 
+import ctypes
 import fcntl
 import json
 import os
@@ -54,7 +55,6 @@ def reuse_freed_memory():
     to 40% of a step, and varying between processes by more than STEM's FLOP saving. The cost: the
     process keeps its peak memory until it exits. Returns whether it applied."""
     try:
-        import ctypes
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
         return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
@@ -75,7 +75,7 @@ def resolve_device(device, dtype):
         dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
     if dtype not in ("float32", "bfloat16"):
         raise UserError(f"dtype={dtype!r} is not one of auto, float32, bfloat16")
-    dev_type = device.split(":")[0]
+    dev_type = kind
     ctx = nullcontext() if dtype == "float32" else torch.autocast(dev_type, dtype=torch.bfloat16)
     what = torch.cuda.get_device_name(device) if dev_type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     if dev_type == "cpu" and reuse_freed_memory():

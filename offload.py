@@ -15,56 +15,61 @@ AdamW state. What stays in host memory: every STEM table, packed as one tensor [
 lazy AdamW moments beside it in the same layout, and the step's gradient. The tables are built on the CPU and
 never materialised on the GPU.
 
-The GPU holds the rows of the micro-batch it computes and of the next one (briefly, of the last): j looks up
-k_j = unique(ids of j) rows (tables.unique_ids), each STEM layer through its own (k_j, ffn_hidden) leaf tensor
-(own storage: nothing written later shares its autograd version counter), by the inverse index (GPT.forward's
-stem_ids and stem_tables): exactly the values a resident lookup gives. After micro-batch j's backward, its
-compact gradients go to pinned memory and the worker thread adds them into the step's host gradient
-(K, W) at the rows' places among the step's K unique ids: the sums a resident leaf accumulates, in the same
-order. So the device holds at most three micro-batches' leaves, or two and one's gradients: 3 * k * W floats
-(device_bytes below), whatever grad_accum and however many ids the step has.
+Micro-batch j looks up k_j = unique(ids of j) rows, each STEM layer through its own (k_j, ffn_hidden) leaf
+tensor (own storage: nothing written later shares its autograd version counter), by the inverse index
+(GPT.forward's stem_ids and stem_tables): exactly the values a resident lookup gives. When the loop asks for j's
+rows, j+1's gather is queued, then j-1's gradients (its backward is queued) go to pinned memory and the worker
+thread adds them into the step's host gradient (K, W) at the rows' places among the step's K unique ids: the sums
+a resident leaf accumulates, in the same order; j-1's leaves are freed. So after j's backward the device holds
+j's leaves, their gradients and j+1's leaves: 3 * k * W floats (device_bytes below), whatever grad_accum and
+however many ids the step has.
 
-At step(): the joint norm of the host gradient (per-row norms, as tables.joint_norm), then host AdamW
-(tables.RowAdamW: fused kernel, in place, several threads), in groups ordered by when the next step needs the
-rows: the rows of the next step's micro-batch 0 first, then its micro-batch 0 is gathered, then the rows of
+step() sends the last gradients and waits (the host thread, for the step's last backward, copy and add) to take
+the joint norm of the host gradient (per-row norms, as tables.joint_norm). It queues host AdamW (tables.RowAdamW:
+fused kernel, in place, several threads) in groups ordered by when the next step needs the rows (found at
+prefetch()): the rows of the next step's micro-batch 0, then that micro-batch's gather, then the rows of its
 micro-batch 1, and so on; rows the next step does not use last. A row is therefore current whenever it is read.
-The price is a serial gap at each step boundary: the GPU waits for the last gradients to reach the host, the
-norm, the update of the rows the next micro-batch 0 needs, and their gather (bench.py times such steps).
+So at a step boundary the GPU idles from the last backward until step() returns and the caller queues more work
+(train.py: the backbone's clip and AdamW, independent of the tables), and the next micro-batch 0 waits for the
+update of its rows, their gather and copy, which overlap the backbone's AdamW (bench.py times such steps).
 
     compute stream | fwd+bwd j ...................... | fwd+bwd j+1 ...
     H2D stream     |  rows of j+1 -> device           |  rows of j+2
     D2H stream     |                                  | grads of j -> pinned
-    worker thread  |  gather j+1 (pinned)             | add grads of j into the step's | gather j+2 ...
+    worker thread  |  gather j+1 (pinned)             | gather j+2 | add grads of j into the step's ...
     at step()      | (last grads) | norm | AdamW rows of next micro 0 | gather | AdamW rows of next micro 1 | ...
 
-The worker runs its tasks in order, which orders every host read after the writes it depends on. Two pinned
-staging planes in one block, allocated once (micro-batches alternate between them): a plane is refilled only after the
-copies out of and into it are done (the worker waits on their events, created blocking so that it sleeps rather
-than spins). Device leaves are allocated on the H2D stream and recorded on the compute stream, gradients
-recorded on the D2H stream, so that the caching allocator reuses neither while a copy or a kernel reads it.
+The worker runs its tasks in order, which orders every host read after the writes it depends on; a failed task
+is raised by the host's next wait (for a micro-batch's rows, in step(), drain()). One pinned block (grown to the
+largest micro-batch seen, rounded up to the allocator's power of two) holds two planes for rows and two for
+gradients; micro-batch j of a step uses planes j % 2. The worker refills a row plane after the copy out of it
+(waiting on its event, created blocking so that it sleeps rather than spins); a gradient plane is refilled after
+the add that read it (normally long done). Gradient planes of their own let j+1's gather run before j-1's add;
+they double the pinned block: 4 * k * W floats (GPT-2-small's preset: 1 GiB at about 5,000 ids a micro-batch,
+2 GiB at most). Device leaves are allocated on the H2D stream and recorded on the compute stream, gradients recorded
+on the D2H stream, so that the caching allocator reuses neither while a copy or a kernel reads it.
 
 Inference: prefill runs the prompt chunk by chunk (prefill_chunk), fetching the next chunk's rows while the
 current chunk computes. Decoding has no lookahead (the next id is the token just sampled), so a GPU cache of hot
-rows serves it: LFU, ties broken by least recent use. Token frequencies follow Zipf's law and are stable, so
-frequency is the better predictor of reuse: an LRU cache would let a burst of rare tokens evict "the" and ",".
-The hit rate is reported. The cache is for inference only: it is never refreshed after a training update, so
-training refuses it.
+rows serves it: LFU, ties broken by least recent use (Zipf: frequency predicts reuse; LRU would let a burst of
+rare tokens evict "the" and ","). Its hit rate is reported. Never refreshed after an update, training refuses it.
 
-On a machine without CUDA the same code runs with host and device both the CPU (no pinning, no streams or
-events), so the CPU tests exercise the ids, the per-micro-batch rows, the host accumulation, the ordering of the
-worker thread, the update groups and the cache.
+Without CUDA the same code runs with host and device both the CPU (no pinning, streams or events): the CPU tests
+exercise the ids, the per-micro-batch rows, the host accumulation, the worker's order, the update groups, the cache.
 """
 
 import os
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+import weakref
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
 from configurator import UserError
 from model import parse_stem_layers
-from tables import RowAdamW, Tables, _single_thread, joint_norm, mark_dynamic, nbytes, to_device, unique_ids
+from tables import RowAdamW, Tables, _single_thread, joint_norm, mark_dynamic, nbytes, to_device
 
 
 def device_bytes(cfg, batch_size, block_size=None, grad_accum=1, unique_per_micro=None, unique_per_step=None):
@@ -88,10 +93,9 @@ class Micro:
     uniq: torch.Tensor  # (k,) sorted unique ids
     inverse: torch.Tensor  # (B, T): position -> row of uniq
     pos: torch.Tensor  # (k,) their rows among the step's unique ids
-    plane: int = 0  # the pinned staging plane it goes through
-    loaded: Any = None  # future -> (leaves, CUDA event or None)
-    leaves: Optional[list] = None  # per layer (k, ffn_hidden), handed to the model
-    done: bool = False  # its gradient has been sent to the host
+    plane: int = 0  # its pinned staging planes: rows plane, gradients 2 + plane
+    loaded: Any = None  # future -> (leaves, CUDA event or None), until the leaves are handed out
+    leaves: Optional[list] = None  # per layer (k, ffn_hidden), handed to the model, until its gradient is sent
 
 
 @dataclass
@@ -102,7 +106,7 @@ class Job:
     acc: Optional[int]  # which of the two host gradient buffers the step sums into (training)
     gathered: int = 0  # micro-batches whose gather has been queued
     last: Any = None  # future of the last host task that adds into the gradient
-    groups: list = field(default_factory=list)  # the update, in groups: (first micro-batch needing them, task)
+    groups: Optional[list] = None  # the update: (first micro-batch of the next step needing them, rows | task)
 
 
 class OffloadedTables(Tables):
@@ -134,28 +138,29 @@ class OffloadedTables(Tables):
         self.opt = RowAdamW(self.table, self.threads) if train else None  # its m, v: the moments
         self.worker = ThreadPoolExecutor(max_workers=1, initializer=None if self.cuda else _single_thread)
         self.pool = ThreadPoolExecutor(self.threads, initializer=_single_thread)  # the worker's shards
-        self.h2d = torch.cuda.Stream(self.device) if self.cuda else None
-        self.d2h = torch.cuda.Stream(self.device) if self.cuda else None
-        self.stage, self.plane_events, self.next_plane = None, [None, None], 0  # pinned (2, n, rows, h); CUDA
+        self.h2d, self.d2h = [torch.cuda.Stream(self.device) for _ in range(2)] if self.cuda else [None, None]
+        self.stage = None  # pinned (4, n, rows, h): two planes for rows, two for gradients (CUDA)
+        self.plane_events, self.readers = [None, None], [None, None]  # row planes' last copies, grad planes' adds
+        self.tasks, self.handed = deque(), []  # the worker's futures not yet checked; weakrefs to the leaves
         self.acc, self.acc_rows, self.n_jobs = [None, None], [(), ()], 0  # host gradients (rows, W), by step parity
         self.queued, self.current, self.updating = None, None, None  # steps: prefetched, running, being updated
         self.cache = RowCache(self, min(cache_rows, self.V)) if cache_rows else None  # more slots than rows: pointless
         self.prompt_jobs, self._chunks = {}, []
 
     def describe(self):
-        mib = self.table.numel() * 4 / 2**20
-        return f"{self.n} ({self.optimizer} AdamW, {mib:.1f} MiB + moments in host memory, offloaded)"
+        return f"{self.n} ({self.optimizer} AdamW, {self.table.numel() / 2**18:.1f} MiB + moments on host, offloaded)"
 
     def cols(self, l):
         """Layer l's columns in the packed layout."""
         return slice(l * self.h, (l + 1) * self.h)
 
     def held_bytes(self):
-        """Bytes of the tensors held on the device now: the leaves of the micro-batches fetched and not yet
-        handed back, their gradients, and the decode cache (device_bytes predicts it for training)."""
-        held = [m.leaves or m.loaded.result()[0] for j in (self.current, self.queued) if j for m in j.micros
-                if m.loaded is not None and not m.done]
-        return nbytes([t for ls in held for leaf in ls for t in (leaf, leaf.grad)] + [getattr(self.cache, "buf", None)])
+        """Bytes of the device tensors alive now: leaves fetched and not handed out, those handed out that something
+        still references, their gradients, the decode cache (device_bytes predicts it for training)."""
+        fetched = [leaf for j in (self.current, self.queued) if j for m in j.micros if m.loaded is not None
+                   for leaf in self._wait(m.loaded)[0]]
+        alive = [t for r in self.handed for t in [r()] if t is not None]
+        return nbytes(fetched + alive + [t.grad for t in alive] + [getattr(self.cache, "buf", None)])
 
     # ---- buffers ------------------------------------------------------------------------------
 
@@ -163,21 +168,18 @@ class OffloadedTables(Tables):
         """A step's (or a prompt chunk's) ids: the step's unique ids, and per micro-batch its own unique ids,
         the inverse index into them and their places among the step's. Sizes the buffers for it; a training
         step sums its gradient into host buffer `acc` (0 or 1: consecutive steps alternate)."""
-        uniq, _ = unique_ids(xs)
-        micros = []
-        for x in xs:
-            u, inv = torch.unique(x, sorted=True, return_inverse=True)
-            micros.append(Micro(u, inv, torch.searchsorted(uniq, u)))
-        job = Job(uniq, micros, acc)
-        rows = min(self.V, max(x.numel() for x in xs))  # a micro-batch's ids are at most its tokens
+        ids = [torch.unique(x, sorted=True, return_inverse=True) for x in xs]
+        uniq = torch.unique(torch.cat([u for u, _ in ids]))  # (K,) sorted
+        job = Job(uniq, [Micro(u, inv, torch.searchsorted(uniq, u), j % 2) for j, (u, inv) in enumerate(ids)], acc)
+        rows = max(len(u) for u, _ in ids)
         if self.cuda and (self.stage is None or self.stage.size(2) < rows):
-            self.drain()  # no copy may still use the old planes
-            self.stage = None
+            self._wait(self._submit(lambda: None))  # no host task still uses the old planes
+            self.stage, self.plane_events, self.readers = None, [None, None], [None, None]
+            torch.cuda.synchronize(self.device)  # nor any copy: the pinned allocator may free the old block now
             torch.accelerator.empty_host_cache()  # growth frees what it replaces: the pinned allocator caches it
-            # one block for both planes; the pinned allocator rounds a block up to a power of two: fill it
-            row_bytes = 2 * self.n * self.h * 4
+            row_bytes = 4 * self.n * self.h * 4  # one block, four planes: rounded up to a power of two, fill it
             cap = (1 << (rows * row_bytes - 1).bit_length()) // row_bytes
-            self.stage = torch.empty(2, self.n, cap, self.h, pin_memory=True)
+            self.stage = torch.empty(4, self.n, cap, self.h, pin_memory=True)
         if acc is not None and (self.acc[acc] is None or self.acc[acc].size(0) < len(uniq)):
             self.drain()  # the update reading the old buffer is done
             self.acc[acc] = torch.empty(len(uniq) + len(uniq) // 4 + 16, self.W)
@@ -192,7 +194,7 @@ class OffloadedTables(Tables):
             return [t.index_select(0, mb.uniq) for t in tables], None
         k, plane = len(mb.uniq), self.stage[mb.plane]
         if self.plane_events[mb.plane] is not None:
-            self.plane_events[mb.plane].synchronize()  # the plane's last copy, in or out, is done
+            self.plane_events[mb.plane].synchronize()  # the plane's last copy out is done
 
         def gather(a, b):  # rows a..b of every layer into the plane
             for t, staged in zip(tables, plane):
@@ -210,15 +212,22 @@ class OffloadedTables(Tables):
 
     def prefetch(self, xs):
         """Plan the step whose micro-batches are xs (list of (B, T) CPU id tensors), one step ahead of the
-        step that runs. Its rows are fetched now if no step is running, else once that step's update
-        reaches them (step())."""
+        step that runs (anywhere in its loop). Its rows are fetched now if no step runs, else as that step's update
+        allows (step()): the update's groups are found here."""
         if self.queued is not None:
             raise RuntimeError("prefetch() twice without rows() between: the pipeline runs one step ahead at most")
-        self.queued = self._plan(xs, self.n_jobs % 2 if self.train else None)
+        self.queued = job = self._plan(xs, self.n_jobs % 2 if self.train else None)
         self.n_jobs += 1
         if self.current is None:
-            for j in range(2):
-                self._gather(self.queued, j)
+            return self._start(job)
+        cur, need = self.current, torch.full((len(self.current.uniq),), len(job.micros))
+        for j, mb in reversed(list(enumerate(job.micros))):
+            need[torch.isin(cur.uniq, mb.uniq)] = j  # the first micro-batch of the next step needing each row
+        cur.groups = [(j, (need == j).nonzero().flatten()) for j in need.unique().tolist()]
+
+    def _start(self, job):  # a step's first two micro-batches: queued once the previous step's update allows
+        for j in (0, 1):
+            self._gather(job, j)
 
     def _gather(self, job, j):
         """Queue the gather of job's micro-batch j, after the update of the rows it needs (the rows no
@@ -228,14 +237,25 @@ class OffloadedTables(Tables):
         last = j == len(job.micros) - 1
         prev = self.updating
         while prev is not None and prev.groups and (last or prev.groups[0][0] <= j):
-            self.worker.submit(*prev.groups.pop(0)[1])
-        mb = job.micros[j]
-        mb.plane, self.next_plane = self.next_plane, self.next_plane ^ 1
-        mb.loaded = self.worker.submit(self._load, mb)
+            self._submit(*prev.groups.pop(0)[1])
+        job.micros[j].loaded = self._submit(self._load, job.micros[j])
         job.gathered += 1
 
+    def _submit(self, fn, *args):
+        self.tasks.append(self.worker.submit(fn, *args))
+        return self.tasks[-1]
+
+    def _wait(self, fut):
+        """Wait for worker task fut and return its result, raising first the failure of any task queued before
+        it (the worker runs them in order: when fut is done, they are)."""
+        wait([fut] if fut else [])
+        while self.tasks and self.tasks[0].done():
+            self.tasks.popleft().result()  # re-raises a failed host task
+        return fut and fut.result()
+
     def _leaves(self, mb):
-        leaves, ev = mb.loaded.result()  # re-raises a failed host task here
+        (leaves, ev), mb.loaded = self._wait(mb.loaded), None  # the engine keeps no reference but mb.leaves
+        self.handed = [r for r in self.handed if r() is not None] + [weakref.ref(leaf) for leaf in leaves]
         if ev is not None:
             stream = torch.cuda.current_stream(self.device)
             stream.wait_event(ev)
@@ -247,41 +267,43 @@ class OffloadedTables(Tables):
     def rows(self):
         """The queued step's rows: per micro-batch (stem_ids, stem_tables) for GPT.forward, the inverse index
         and the per-layer (k, ffn_hidden) leaves. An iterator: each micro-batch's rows are handed out when the
-        loop reaches it (after the previous one's backward), so only two are on the device at a time."""
+        loop reaches it (after the previous one's backward is queued): at most three on the device at a time."""
         if self.queued is None:
             raise RuntimeError("rows() before prefetch(): queue the step's ids first")
         self.current, self.queued = self.queued, None
         if self.train:  # the step's gradient sums from zero (after the last update that read this buffer)
             acc = self.acc[self.current.acc]
-            self.worker.submit(self._split, len(self.current.uniq), lambda a, b: acc[a:b].zero_())
+            self._submit(self._split, len(self.current.uniq), lambda a, b: acc[a:b].zero_())
         return self._micro_batches(self.current)
 
     def _micro_batches(self, job):
         for j, mb in enumerate(job.micros):
+            self._gather(job, j + 1)  # queued before the add below: a gather never waits for an add
             if j:
                 self._send(job, job.micros[j - 1])  # its backward is queued: its gradient goes to the host
-            self._gather(job, j + 1)
             yield to_device(mb.inverse, self.device), self._leaves(mb)
 
     def _send(self, job, mb):
         """Micro-batch mb's gradients to the host and into the step's gradient buffer (worker)."""
-        if mb.done or mb.leaves is None or not self.train:
-            return
+        if mb.leaves is None or not self.train:
+            return  # sent, or never handed out
         grads, ev = [leaf.grad for leaf in mb.leaves], None
-        for leaf in mb.leaves:
+        for leaf in mb.leaves:  # its memory goes now, whoever holds the tensor (zip keeps a loop's last item)
             leaf.grad = None
-        mb.leaves, mb.done = None, True
+            leaf.untyped_storage().resize_(0)  # its backward is queued (on CUDA: recorded on that stream)
+        mb.leaves = None
         if self.cuda:
-            k, plane = len(mb.uniq), self.stage[mb.plane]
+            k, plane = len(mb.uniq), self.stage[2 + mb.plane]
+            self._wait(self.readers[mb.plane])  # the add that last read the plane is done (and raised no error)
             self.d2h.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.d2h):
                 for g, staged in zip(grads, plane):
                     staged[:k].copy_(g, non_blocking=True)
                     g.record_stream(self.d2h)  # allocated on the compute stream, read on this one
-                ev = self.plane_events[mb.plane] = torch.cuda.Event(blocking=True)
+                ev = torch.cuda.Event(blocking=True)
                 ev.record(self.d2h)
             grads = [staged[:k] for staged in plane]
-        job.last = self.worker.submit(self._add, job, mb, grads, ev)
+        job.last = self.readers[mb.plane] = self._submit(self._add, job, mb, grads, ev)
 
     def _add(self, job, mb, grads, ev):
         """Worker: add a micro-batch's (k, ffn_hidden) gradients into the step's (K, W) buffer at its rows. A
@@ -303,29 +325,20 @@ class OffloadedTables(Tables):
 
     def step(self, lr, max_norm):
         """After backward: the last gradients to the host, the joint norm there, and the update queued in
-        groups in the order the next step needs its rows. Returns the gradient norm."""
+        groups in the order the next step needs its rows. Returns the gradient norm, on the device."""
         job, self.current = self.current, None
         for mb in job.micros:
             self._send(job, mb)
-        if job.last is not None:
-            job.last.result()  # the step's gradient is summed (re-raises a failed host task here)
+        self._wait(job.last)  # the step's gradient is summed (re-raises any failed host task)
         K, acc = len(job.uniq), self.acc[job.acc]
         norm, coef = joint_norm([acc[:K, self.cols(l)] for l in range(self.n)], max_norm)
         self.steps += 1
         self._flush()  # the previous step's update, if a step without a successor left any behind
-        need = torch.full((K,), len(self.queued.micros) if self.queued else 0)
-        for j, mb in reversed(list(enumerate(self.queued.micros if self.queued else []))):
-            need[torch.isin(job.uniq, mb.uniq)] = j  # the first micro-batch of the next step needing each row
         hyper = (coef, self.steps, lr)
-        job.groups = [(j, (self._update, job, rows, hyper)) for j in need.unique().tolist()
-                      for rows in [(need == j).nonzero().flatten()]]
+        job.groups = [(j, (self._update, job, rows, hyper)) for j, rows in job.groups or [(0, torch.arange(K))]]
         self.updating = job
-        if self.queued is not None:
-            for j in range(2):
-                self._gather(self.queued, j)
-        else:
-            self._flush()
-        return norm.to(self.device)  # where the loss is: train.py stacks them
+        self._start(self.queued) if self.queued is not None else self._flush()
+        return to_device(norm, self.device)  # where the loss is (train.py stacks them); pinned: no host stall
 
     def _update(self, job, rows, hyper):
         """Worker: host AdamW on the step's rows `rows` (positions among its unique ids), clipped by coef."""
@@ -341,12 +354,12 @@ class OffloadedTables(Tables):
     def _flush(self):
         """Queue whatever is left of the last step's update."""
         while self.updating is not None and self.updating.groups:
-            self.worker.submit(*self.updating.groups.pop(0)[1])
+            self._submit(*self.updating.groups.pop(0)[1])
 
     def drain(self):
         """Every update queued and done, and the device's queued work: a barrier for timing (bench.py)."""
         self._flush()
-        self.worker.submit(lambda: None).result()
+        self._wait(self._submit(lambda: None))  # re-raises any failed host task
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
@@ -355,15 +368,13 @@ class OffloadedTables(Tables):
     # ---- plain lookups (evaluation) and generation ------------------------------------------
 
     def lookup(self, ids):
-        """(stem_ids, stem_tables) for ids (any shape), synchronously: the unique rows gathered and
-        copied, and the inverse index into them."""
+        """(stem_ids, stem_tables) for ids (any shape), synchronously: the inverse index, the unique rows."""
         uniq, inv = torch.unique(ids.cpu(), sorted=True, return_inverse=True)
         rows = self.table.index_select(0, uniq).to(self.device)
         return inv.to(self.device), [rows[:, self.cols(l)] for l in range(self.n)]
 
     def prefetch_prompt(self, stem_ids, chunk):
-        """Queue the prompt's first two chunks; stem_fn serves each from its fetched rows, and queues the
-        next chunk while the current one computes."""
+        """Queue the prompt's first two chunks; stem_fn serves each and queues the next while one computes."""
         self.prompt_jobs = {}
         self._chunks = [(pos, stem_ids[:, pos:pos + chunk].cpu()) for pos in range(0, stem_ids.size(1), chunk)]
         for _ in range(2):
@@ -373,12 +384,12 @@ class OffloadedTables(Tables):
         if self._chunks:
             pos, ids = self._chunks.pop(0)
             job = self._plan([ids])
+            job.micros[0].plane = len(self._chunks) % 2  # consecutive chunks alternate
             self._gather(job, 0)
             self.prompt_jobs[pos] = (ids, job.micros[0])
 
     def stem_fn(self, ids, pos):
-        """For GPT.generate(stem_fn=...): (stem_ids, stem_tables) for prefill chunks from their fetched rows
-        (or a plain lookup), for decode steps (one token) from the row cache."""
+        """For GPT.generate(stem_fn=...): prefill chunks from their fetched rows (or a lookup), decode from cache."""
         if ids.size(1) == 1 and self.cache is not None:
             return self.cache.rows(ids)
         queued = self.prompt_jobs.pop(pos, None)
@@ -397,8 +408,7 @@ class OffloadedTables(Tables):
         return sd
 
     def optimizer_state_dict(self, lr):
-        """The lazy table optimizer's state in the resident format, so that a resident run can
-        resume from an offloaded checkpoint and the reverse."""
+        """The lazy table optimizer's state in the resident format: a resident run resumes from it, and the reverse."""
         self.sync()
         return self._lazy_state([(self.opt.m[:, self.cols(l)].clone(), self.opt.v[:, self.cols(l)].clone())
                                  for l in range(self.n)], lr)
@@ -432,11 +442,9 @@ class RowCache:
         self.clock += 1
         missing = [t for t in dict.fromkeys(flat) if t not in self.slot_of]
         n_miss = sum(t not in self.slot_of for t in flat)
-        self.misses += n_miss
-        self.hits += len(flat) - n_miss
+        self.misses, self.hits = self.misses + n_miss, self.hits + len(flat) - n_miss
         if missing:
-            # victims: empty slots first, then least frequently used, then least recently used;
-            # never a slot this step reads
+            # victims: empty slots first, then least frequently used, then least recently used; never one read now
             key = torch.where(self.id_of < 0, -1, self.freq * (self.clock + 1) + self.last)
             for t in needed & self.slot_of.keys():
                 key[self.slot_of[t]] = torch.iinfo(torch.long).max
@@ -454,5 +462,4 @@ class RowCache:
         return idx, [self.buf[:, self.off.cols(l)] for l in range(self.off.n)]
 
     def hit_rate(self):
-        total = self.hits + self.misses
-        return self.hits / total if total else float("nan")
+        return self.hits / (self.hits + self.misses) if self.hits + self.misses else float("nan")

@@ -68,12 +68,12 @@ def clip_joint_norm_(grads, max_norm):
 def mark_dynamic(leaves):
     """K changes every step: dynamic, so that a compiled model compiles once (if compile loaded dynamo: seconds)."""
     for leaf in leaves if "torch._dynamo" in sys.modules else []:
-        torch._dynamo.mark_dynamic(leaf, 0)
+        torch._dynamo.maybe_mark_dynamic(leaf, 0)  # no error where K is 1 (then specialised)
     return leaves
 
 
 def nbytes(tensors):
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return sum(t.untyped_storage().nbytes() for t in tensors if t is not None)  # 0 once offload freed a leaf
 
 
 def _single_thread():

@@ -378,10 +378,6 @@ def train(tc, mc, keys_set):
             for g in optimizer.param_groups:
                 g["lr"] = lr
             step_batches, step_tables = upcoming, tables.rows()
-            data_rng = batches.gen.get_state()  # where a run resumed after this step draws from
-            if state["iter"] + 1 < tc.max_iters:
-                upcoming = draw()
-                tables.prefetch([x for x, _ in upcoming])  # offload: gathered and copied while this step computes
             for micro, ((x, y), (stem_ids, stem_tables)) in enumerate(zip(step_batches, step_tables)):
                 x, y = batches.to_device(x, y)
                 if ddp:  # all-reduce gradients on the last micro-batch only
@@ -389,10 +385,16 @@ def train(tc, mc, keys_set):
                 with ctx:
                     _, loss = model(x, y, stem_ids=stem_ids, stem_tables=stem_tables)
                 (loss / tc.grad_accum).backward()  # scaled: the micro-batches' gradients add up to the mean
-            # clip and step the backbone, then the tables by their own norm (the authors' code does both)
+                if micro == 0:  # the next step's ids, while the GPU runs this backward
+                    data_rng = batches.gen.get_state()  # where a run resumed after this step draws from
+                    if state["iter"] + 1 < tc.max_iters:
+                        upcoming = draw()
+                        tables.prefetch([x for x, _ in upcoming])  # offload: fetched as this step's update allows
+            # the tables by their own norm, then the backbone (the authors' code clips both): independent
+            # parameters, and offload's last gradients leave for the host without waiting for the backbone's AdamW
+            tnorm = tables.step(lr, tc.grad_clip)  # offload: waits for the last backward; the update is queued
             gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
             optimizer.step()
-            tnorm = tables.step(lr, tc.grad_clip)  # offload: the host part is queued, not waited for
             optimizer.zero_grad(set_to_none=True)
             state["iter"] += 1
             state["tokens"] += tokens_per_step

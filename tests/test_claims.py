@@ -371,7 +371,7 @@ def test_claim_modes_bad_arguments(stem_run, swiglu_run, tmp_path):
                          (["--mode=spread", f"--ckpt={tmp_path}/none"], "no checkpoint there"),
                          (["--mode=locality", f"--ckpt={swiglu_run}"], "no table layers"),
                          (["--mode=context", f"--ckpt={stem_run}"], "give both"),
-                         (["--mode=context", f"--ckpt={swiglu_run}", f"--ckpt_swiglu={stem_run}"], "swapped"),
+                         (["--mode=context", f"--ckpt={swiglu_run}", f"--ckpt_swiglu={stem_run}"], "no table layers"),
                          (["--mode=context", f"--ckpt={stem_run}", f"--ckpt_swiglu={stem_run}"], "swapped"),
                          (["--mode=stability", f"--runs_dir={tmp_path}/none"], "no such folder"),
                          (["--mode=stability", "--spike_margin=0"], "spike_margin"),

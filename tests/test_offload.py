@@ -92,10 +92,20 @@ def test_training_offloaded_is_bit_identical_to_resident_lazy(narrow, threads, m
         fewer=seen["fewer"] + (len(mb.uniq) < len(job.uniq))))
     monkeypatch.setattr(OffloadedTables, "_update", lambda *a: update(*a) or seen.update(groups=seen["groups"] + 1))
     # read with a step queued (its first rows fetched, the rest of the last update pending)
-    (sd_r, opt_r, loss_r, _), (sd_o, opt_o, loss_o, eng) = _train_both(cfg, steps=8, queued=True, threads=threads)
+    sd_o = _assert_same(*_train_both(cfg, steps=8, queued=True, threads=threads), steps=8)
     # the data exercises every path: micro-batches that hold part of their step's rows, updates split
     # into groups by the next step's micro-batches (rows needed by its first, by its second, by none)
     assert seen["fewer"] > 8 and seen["groups"] > 2 * 8, seen
+    # the tables really moved, and rows never seen are untouched
+    torch.manual_seed(0)
+    init = GPT(cfg).state_dict()["blocks.1.ffn.table"]
+    changed = (sd_o["blocks.1.ffn.table"] != init).any(1)
+    assert changed[:4].all() and changed.sum() < cfg.vocab_size or changed.all()
+
+
+def _assert_same(resident, offload, steps):
+    """Losses, weights and table moments of two _train_both results: the same bits. Returns offload's weights."""
+    (sd_r, opt_r, loss_r, _), (sd_o, opt_o, loss_o, _) = resident, offload
     assert loss_r == loss_o
     assert sd_r.keys() == sd_o.keys()
     for k in sd_r:
@@ -103,12 +113,44 @@ def test_training_offloaded_is_bit_identical_to_resident_lazy(narrow, threads, m
     for i in opt_r["state"]:
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(opt_r["state"][i][key], opt_o["state"][i][key]), (i, key)
-        assert opt_r["state"][i]["step"].item() == opt_o["state"][i]["step"].item() == 8
-    # the tables really moved, and rows never seen are untouched
-    torch.manual_seed(0)
-    init = GPT(cfg).state_dict()["blocks.1.ffn.table"]
-    changed = (sd_o["blocks.1.ffn.table"] != init).any(1)
-    assert changed[:4].all() and changed.sum() < cfg.vocab_size or changed.all()
+        assert opt_r["state"][i]["step"].item() == opt_o["state"][i]["step"].item() == steps
+    return sd_o
+
+
+@pytest.mark.parametrize("accum,ffn", [(1, "stem"), (3, "stem"), (3, "stem_gate")])
+def test_offloaded_equals_resident_lazy_at_any_grad_accum_and_with_stem_gate(accum, ffn):
+    # grad_accum 1: each step's single micro-batch holds all its rows; 3: a middle micro-batch that is neither
+    # the first nor the last; stem_gate: the table row multiplies the gate's output instead of the up-projection
+    cfg = tiny_config(vocab_size=40, ffn_hidden=32, stem_layers="1,3", ffn=ffn)
+    _assert_same(*_train_both(cfg, steps=5, accum=accum, queued=True), steps=5)
+
+
+@pytest.mark.parametrize("task", ["_add", "_update"])
+def test_a_failed_host_task_is_raised(task, monkeypatch):
+    """The first add (of a micro-batch that is not its step's last) or the first update group fails on the
+    worker: the loop, step() or sync() raises it, rather than training going on with rows it never updated."""
+    cfg = tiny_config(vocab_size=40, ffn_hidden=32)
+    data = _batches(cfg.vocab_size, 3, 3, 3, 8, seed=2)
+    orig, calls = getattr(OffloadedTables, task), []
+
+    def fails_once(self, *a):
+        calls.append(task)
+        if len(calls) == 1:
+            raise OSError(f"{task} failed")
+        return orig(self, *a)
+    monkeypatch.setattr(OffloadedTables, task, fails_once)
+    m = GPT(cfg)
+    eng = OffloadedTables(m, "cpu")
+    with pytest.raises(OSError, match=f"{task} failed"):
+        eng.prefetch([x for x, _ in data[0]])
+        for s in range(3):
+            rows = eng.rows()
+            if s + 1 < 3:
+                eng.prefetch([x for x, _ in data[s + 1]])
+            for (x, y), (stem_ids, stem_tables) in zip(data[s], rows):
+                m(x, y, stem_ids=stem_ids, stem_tables=stem_tables)[1].backward()
+            eng.step(1e-2, 1.0)
+        eng.sync()
 
 
 def test_offloaded_model_holds_no_tables_and_state_dict_keys_match():
