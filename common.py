@@ -214,13 +214,6 @@ def check_same_architecture(saved, current, keys_set, path):
                             f"{k}={getattr(current, k)!r}: drop --{k}, or train from scratch in another --out_dir")
 
 
-def provenance(meta, data_dir):
-    """What a checkpoint was trained on: the data folder, its fingerprint and its tokenizer's hash
-    (prepare_data.py writes both into meta.json)."""
-    return {"data_dir": data_dir, "dataset": meta.get("dataset"), "fingerprint": meta.get("fingerprint"),
-            "tokenizer_sha256": meta.get("tokenizer_sha256")}
-
-
 def check_provenance(ckpt, meta, data_dir, path, key="fingerprint"):
     """Refuse data (key="fingerprint") or a tokenizer (key="tokenizer_sha256") other than the one the
     checkpoint was trained with. Checkpoints from before provenance was recorded pass with a note."""

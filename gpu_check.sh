@@ -7,7 +7,7 @@
 # 1. the CUDA tests: pytest -k cuda over tests/ (bf16 offload vs resident, GPU memory saved, the stress run)
 # 2. bench.py --mode offload at the GPT-2-small shape: host rates against their floor, pinned copy rates,
 #    the step model's prediction, and the MEASURED offloaded vs resident-lazy training tokens/s, GPU
-#    memory saved and MFU (12 layers, d 768, GPT-2 vocabulary, STEM in 1/3 of layers)
+#    memory saved and MFU (12 layers, d 768, GPT-2 vocabulary, STEM in 1/3 of layers; 4 micro-batches a step)
 # 3. bench.py --mode decode: prefill and decode tokens/s, resident vs offloaded with the row cache
 # 4. 20 compiled training steps offloaded beside 20 resident lazy ones (same data and seed), losses compared
 # Each section ends in PASS, FAIL (exit code N) or TIMED OUT; the report ends with one line per section,
@@ -112,8 +112,14 @@ EOF
     echo; echo "## 1. CUDA tests"; record "CUDA tests" "FAIL (pytest is not installed: the CUDA tests did not run)"
   fi
 
+  # The measured run at the preset's 32 micro-batches of 16 x 1024 tokens a step (about 1 s on an H100, more
+  # offloaded), with burn-in, steps and both variants, would not fit the limit. 4 micro-batches a step still measure
+  # what matters: each micro-batch's copies and host work overlapping the GPU, and the pause at the step's end,
+  # amortised over 4 micro-batches instead of 32, so the measured ratio is a lower bound for grad_accum 32. Host
+  # rates and the prediction stay at the preset's shape.
   section "offload at the GPT-2-small shape: rates, prediction, measured training" "${LIMITS[1]}" \
-    $PY bench.py --mode offload --data_dir="$data" --steps=10 --burn_in=3 --plot_dir="$TMP/plots"
+    $PY bench.py --mode offload --data_dir="$data" --grad_accum=4 --steps=3 --burn_in=1 --repeats=1 \
+    --plot_dir="$TMP/plots"
 
   section "prefill and decode, resident vs offloaded with the row cache" "${LIMITS[2]}" \
     $PY bench.py --mode decode --data_dir="$data" --n_layer=12 --n_head=12 --n_embd=768 --ffn_hidden=2048 \

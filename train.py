@@ -31,7 +31,7 @@ import torch
 import offload
 from common import (Batches, RunLock, check_model_config, check_provenance, check_same_architecture, clock, evaluate,
                     fact_recall, load_checkpoint, load_meta, model_from_checkpoint, plot_losses, prepare_facts,
-                    print_accounting, provenance, ranks_agree, reprepare, resolve_device, save_checkpoint,
+                    print_accounting, ranks_agree, reprepare, resolve_device, save_checkpoint,
                     truncate_jsonl)
 from configurator import UserError, die, parse_config, print_config, require
 from model import GPT, GPTConfig, configure_optimizer
@@ -198,7 +198,8 @@ def checkpoint(raw_model, tables, optimizer, tc, mc, meta, state, data_rng, devi
         "optimizer": {"backbone": optimizer.state_dict(),
                       "tables": tables.optimizer_state_dict(get_lr(state["iter"], tc))},
         "config": {"model": dataclasses.asdict(mc), "train": dataclasses.asdict(tc)},
-        "data": provenance(meta, tc.data_dir),  # what it was trained on: sample.py, bench.py and a resume check it
+        # what it was trained on: a resume, sample.py and claims.py refuse other data or another tokenizer
+        "data": dict(data_dir=tc.data_dir, **{k: meta.get(k) for k in ("dataset", "fingerprint", "tokenizer_sha256")}),
         **state,  # iter, tokens, best_val_loss, best_iter, last_val_loss
         "rng": {"torch": torch.get_rng_state(), "data": data_rng, "data_ranks": data_rngs,  # DDP: every rank's
                 "cuda": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None},
@@ -424,8 +425,8 @@ def train(tc, mc, keys_set):
     tables.sync()
     last = f" (val {state['last_val_loss']:.4f})" if state["last_val_loss"] is not None else ""
     best = f", kept in {paths['best']}" if tc.keep_best else " (not kept: --keep_best=True keeps it)"
-    log(f"done: {state['iter']} steps; {paths['ckpt']} holds the last step{last}; best val {state['best_val_loss']:.4f} "
-        f"at step {state['best_iter']}{best}")
+    log(f"done: {state['iter']} steps; {paths['ckpt']} holds the last step{last}; "
+        f"best val {state['best_val_loss']:.4f} at step {state['best_iter']}{best}")
 
 
 def main(argv=None):
