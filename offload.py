@@ -9,29 +9,26 @@ STEM tables only, so that train.py and bench.py run one loop whatever the placem
 
 How it works
 ------------
-What stays on the GPU: the whole backbone (attention, gate and down projections, embeddings, head) and its
-AdamW state. What stays in host memory: every STEM table, packed as one tensor [vocab_size, n_stem * ffn_hidden]
-(a token's rows for every STEM layer side by side: one contiguous run of W = n_stem * ffn_hidden floats), the
-lazy AdamW moments beside it in the same layout, and the step's gradient. The tables are built on the CPU and
-never materialised on the GPU.
+On the GPU: the whole backbone (attention, gate and down projections, embeddings, head) and its AdamW state. In host
+memory: every STEM table, built on the CPU and never materialised on the GPU, packed as one tensor [vocab_size,
+n_stem * ffn_hidden] (a token's rows for every STEM layer side by side: one contiguous run of W = n_stem * ffn_hidden
+floats), the lazy AdamW moments beside it in the same layout, and the step's gradient.
 
-Micro-batch j looks up k_j = unique(ids of j) rows, each STEM layer through its own (k_j, ffn_hidden) leaf
-tensor (own storage: nothing written later shares its autograd version counter), by the inverse index
-(GPT.forward's stem_ids and stem_tables): exactly the values a resident lookup gives. When the loop asks for j's
-rows, j+1's gather is queued, then j-1's gradients (its backward is queued) go to pinned memory and the worker
-thread adds them into the step's host gradient (K, W) at the rows' places among the step's K unique ids: the sums
-a resident leaf accumulates, in the same order; j-1's leaves are freed. So after j's backward the device holds
-j's leaves, their gradients and j+1's leaves: 3 * k * W floats (device_bytes below), whatever grad_accum and
-however many ids the step has.
+Micro-batch j looks up k_j = unique(ids of j) rows, each STEM layer through its own (k_j, ffn_hidden) leaf tensor (own
+storage: nothing written later shares its autograd version counter), by the inverse index (GPT.forward's stem_ids and
+stem_tables): exactly the values a resident lookup gives. When the loop asks for j's rows, j+1's gather is queued, then
+j-1's gradients (its backward is queued) go to pinned memory and the worker thread adds them into the step's host
+gradient (K, W) at the rows' places among the step's K unique ids: the sums a resident leaf accumulates, in the same
+order; j-1's leaves are freed. So after j's backward the device holds j's leaves, their gradients and j+1's leaves:
+3 * k * W floats (device_bytes below), whatever grad_accum and however many ids the step has.
 
-step() sends the last gradients and waits (the host thread, for the step's last backward, copy and add) to take
-the joint norm of the host gradient (per-row norms, as tables.joint_norm). It queues host AdamW (tables.RowAdamW:
-fused kernel, in place, several threads) in groups ordered by when the next step needs the rows (found at
-prefetch()): the rows of the next step's micro-batch 0, then that micro-batch's gather, then the rows of its
-micro-batch 1, and so on; rows the next step does not use last. A row is therefore current whenever it is read.
-So at a step boundary the GPU idles from the last backward until step() returns and the caller queues more work
-(train.py: the backbone's clip and AdamW, independent of the tables), and the next micro-batch 0 waits for the
-update of its rows, their gather and copy, which overlap the backbone's AdamW (bench.py times such steps).
+step() sends the last gradients, waits for the host thread (the step's last backward, copy and add) and takes the host
+gradient's joint norm (per-row norms, as tables.joint_norm). It queues host AdamW (tables.RowAdamW) in groups ordered by
+when the next step needs the rows (found at prefetch()): the rows of its micro-batch 0, then that micro-batch's gather,
+then the rows of its micro-batch 1, and so on; rows it does not use last: a row is current whenever it is read. So at a
+step boundary the GPU idles from the last backward until step() returns and the caller queues more work (train.py: the
+backbone's clip and AdamW, independent of the tables); the next micro-batch 0 waits for the update of its rows, their
+gather and copy, which overlap the backbone's AdamW (bench.py times such steps).
 
     compute stream | fwd+bwd j ...................... | fwd+bwd j+1 ...
     H2D stream     |  rows of j+1 -> device           |  rows of j+2
@@ -39,20 +36,19 @@ update of its rows, their gather and copy, which overlap the backbone's AdamW (b
     worker thread  |  gather j+1 (pinned)             | gather j+2 | add grads of j into the step's ...
     at step()      | (last grads) | norm | AdamW rows of next micro 0 | gather | AdamW rows of next micro 1 | ...
 
-The worker runs its tasks in order, which orders every host read after the writes it depends on; a failed task
-is raised by the host's next wait (for a micro-batch's rows, in step(), drain()). One pinned block (grown to the
-largest micro-batch seen, rounded up to the allocator's power of two) holds two planes for rows and two for
-gradients; micro-batch j of a step uses planes j % 2. The worker refills a row plane after the copy out of it
-(waiting on its event, created blocking so that it sleeps rather than spins); a gradient plane is refilled after
-the add that read it (normally long done). Gradient planes of their own let j+1's gather run before j-1's add;
-they double the pinned block: 4 * k * W floats (GPT-2-small's preset: 1 GiB at about 5,000 ids a micro-batch,
-2 GiB at most). Device leaves are allocated on the H2D stream and recorded on the compute stream, gradients recorded
-on the D2H stream, so that the caching allocator reuses neither while a copy or a kernel reads it.
+The worker runs its tasks in order, so every host read follows the writes it depends on; a failed task is raised by the
+host's next wait (for a micro-batch's rows, in step(), drain()). One pinned block (grown to the largest micro-batch
+seen, rounded up to the allocator's power of two) holds two planes for rows and two for gradients; micro-batch j of a
+step uses planes j % 2. The worker refills a row plane after the copy out of it (waiting on its event, made blocking: it
+sleeps rather than spins), a gradient plane after the add that read it (normally long done). Gradient planes of their
+own let j+1's gather run before j-1's add; they double the pinned block: 4 * k * W floats (GPT-2-small's preset: 1 GiB
+at about 5,000 ids a micro-batch, 2 GiB at most). Leaves are allocated on the H2D stream and recorded on the compute
+stream, gradients recorded on the D2H stream: the caching allocator reuses neither while a copy or a kernel reads it.
 
-Inference: prefill runs the prompt chunk by chunk (prefill_chunk), fetching the next chunk's rows while the
-current chunk computes. Decoding has no lookahead (the next id is the token just sampled), so a GPU cache of hot
-rows serves it: LFU, ties broken by least recent use (Zipf: frequency predicts reuse; LRU would let a burst of
-rare tokens evict "the" and ","). Its hit rate is reported. Never refreshed after an update, training refuses it.
+Inference: prefill runs the prompt chunk by chunk (prefill_chunk), fetching the next chunk's rows while the current
+chunk computes. Decoding has no lookahead (the next id is the token just sampled), so a GPU cache of hot rows serves it:
+LFU, ties broken by least recent use (Zipf: frequency predicts reuse; LRU would let a burst of rare tokens evict "the"
+and ","). Its hit rate is reported. Never refreshed after an update, training refuses it.
 
 Without CUDA the same code runs with host and device both the CPU (no pinning, streams or events): the CPU tests
 exercise the ids, the per-micro-batch rows, the host accumulation, the worker's order, the update groups, the cache.
@@ -67,7 +63,7 @@ from typing import Any, Optional
 
 import torch
 
-from configurator import UserError
+from configurator import require
 from model import parse_stem_layers
 from tables import RowAdamW, Tables, _single_thread, joint_norm, mark_dynamic, nbytes, to_device
 
@@ -113,21 +109,19 @@ class OffloadedTables(Tables):
     def __init__(self, model, device, optimizer="lazy", train=True, weight_decay=0.1, betas=(0.9, 0.95),
                  eps=1e-8, cache_rows=0, threads=None):
         ffns = model.stem_ffns()
-        if not ffns:
-            raise UserError(f"offload needs STEM tables, and this model has none (ffn={model.cfg.ffn}): drop --offload")
-        if train and optimizer != "lazy":
-            raise UserError("offload trains only with the lazy table optimizer: --table_optimizer=lazy")
-        if train and cache_rows:
-            raise UserError("the decode row cache is for inference: it is never refreshed after a training "
-                            "update, so it cannot be used while training")
+        require(ffns, f"offload needs STEM tables, and this model has none (ffn={model.cfg.ffn}): drop --offload")
+        require(not train or optimizer == "lazy",
+                "offload trains only with the lazy table optimizer: --table_optimizer=lazy")
+        require(not (train and cache_rows), "the decode row cache is for inference: it is never refreshed after a "
+                "training update, so it cannot be used while training")
         super().__init__(model, optimizer, weight_decay, betas, eps)
         self.V, self.h = ffns[0].table.shape
         self.W = self.n * self.h
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.table = torch.empty(self.V, self.W)  # host memory, allocated there directly
-        for l, f in enumerate(ffns):
-            self.table[:, self.cols(l)] = f.table.detach()
+        for part, f in zip(self.layers(self.table), ffns):
+            part.copy_(f.table.detach())
             f.table = None  # the module no longer owns a table: .to(device) moves none, state_dict() lists none
         model.to(self.device)
         self.train = train
@@ -150,9 +144,9 @@ class OffloadedTables(Tables):
     def describe(self):
         return f"{self.n} ({self.optimizer} AdamW, {self.table.numel() / 2**18:.1f} MiB + moments on host, offloaded)"
 
-    def cols(self, l):
-        """Layer l's columns in the packed layout."""
-        return slice(l * self.h, (l + 1) * self.h)
+    def layers(self, t):
+        """Per STEM layer, its (rows, ffn_hidden) view of t, a tensor (rows, W) in the packed layout."""
+        return t.split(self.h, dim=1)
 
     def held_bytes(self):
         """Bytes of the device tensors alive now: leaves fetched and not handed out, those handed out that something
@@ -189,7 +183,7 @@ class OffloadedTables(Tables):
     def _load(self, mb):
         """Worker: micro-batch mb's rows into fresh per-layer device leaves (k, ffn_hidden). On CUDA: gathered
         into its pinned plane, then asynchronous copies; returns the leaves and the event after the copies."""
-        tables = [self.table[:, self.cols(l)] for l in range(self.n)]
+        tables = self.layers(self.table)
         if not self.cuda:
             return [t.index_select(0, mb.uniq) for t in tables], None
         k, plane = len(mb.uniq), self.stage[mb.plane]
@@ -219,27 +213,19 @@ class OffloadedTables(Tables):
         self.queued = job = self._plan(xs, self.n_jobs % 2 if self.train else None)
         self.n_jobs += 1
         if self.current is None:
-            return self._start(job)
+            return self._gather(job, 1)  # its first two micro-batches
         cur, need = self.current, torch.full((len(self.current.uniq),), len(job.micros))
         for j, mb in reversed(list(enumerate(job.micros))):
             need[torch.isin(cur.uniq, mb.uniq)] = j  # the first micro-batch of the next step needing each row
         cur.groups = [(j, (need == j).nonzero().flatten()) for j in need.unique().tolist()]
 
-    def _start(self, job):  # a step's first two micro-batches: queued once the previous step's update allows
-        for j in (0, 1):
-            self._gather(job, j)
-
-    def _gather(self, job, j):
-        """Queue the gather of job's micro-batch j, after the update of the rows it needs (the rows no
-        micro-batch needs go with the last), in order and once."""
-        if j != job.gathered or j >= len(job.micros):
-            return
-        last = j == len(job.micros) - 1
-        prev = self.updating
-        while prev is not None and prev.groups and (last or prev.groups[0][0] <= j):
-            self._submit(*prev.groups.pop(0)[1])
-        job.micros[j].loaded = self._submit(self._load, job.micros[j])
-        job.gathered += 1
+    def _gather(self, job, upto):
+        """Queue the gathers of job's micro-batches up to `upto` not yet queued, in order and once, each after the
+        update of the rows it needs (the rows no micro-batch needs go with the last)."""
+        for j in range(job.gathered, min(upto + 1, len(job.micros))):
+            self._flush(None if j == len(job.micros) - 1 else j)
+            job.micros[j].loaded = self._submit(self._load, job.micros[j])
+            job.gathered = j + 1
 
     def _submit(self, fn, *args):
         self.tasks.append(self.worker.submit(fn, *args))
@@ -313,8 +299,8 @@ class OffloadedTables(Tables):
             ev.synchronize()  # the copies to pinned memory have landed
 
         def add(a, b):  # rows a..b of the micro-batch, every layer: disjoint rows of acc, one thread each
-            for l, g in enumerate(grads):
-                acc[:, self.cols(l)].index_add_(0, mb.pos[a:b], g[a:b])
+            for part, g in zip(self.layers(acc), grads):
+                part.index_add_(0, mb.pos[a:b], g[a:b])
         self._split(len(mb.pos), add)
 
     def _split(self, n, fn):
@@ -331,18 +317,17 @@ class OffloadedTables(Tables):
             self._send(job, mb)
         self._wait(job.last)  # the step's gradient is summed (re-raises any failed host task)
         K, acc = len(job.uniq), self.acc[job.acc]
-        norm, coef = joint_norm([acc[:K, self.cols(l)] for l in range(self.n)], max_norm)
+        norm, coef = joint_norm(self.layers(acc[:K]), max_norm)
         self.steps += 1
         self._flush()  # the previous step's update, if a step without a successor left any behind
         hyper = (coef, self.steps, lr)
-        job.groups = [(j, (self._update, job, rows, hyper)) for j, rows in job.groups or [(0, torch.arange(K))]]
+        job.groups = [(j, (self._update, job, rows, *hyper)) for j, rows in job.groups or [(0, torch.arange(K))]]
         self.updating = job
-        self._start(self.queued) if self.queued is not None else self._flush()
+        self._gather(self.queued, 1) if self.queued is not None else self._flush()  # next step: micro-batches 0, 1
         return to_device(norm, self.device)  # where the loss is (train.py stacks them); pinned: no host stall
 
-    def _update(self, job, rows, hyper):
+    def _update(self, job, rows, coef, step, lr):
         """Worker: host AdamW on the step's rows `rows` (positions among its unique ids), clipped by coef."""
-        coef, step, lr = hyper
         acc = self.acc[job.acc]
         if self.opt.gather:  # narrow rows: gathered, as RowAdamW gathers them
             self.opt.update(job.uniq[rows], acc.index_select(0, rows).mul_(coef), step, lr, **self.hyper)
@@ -351,10 +336,11 @@ class OffloadedTables(Tables):
         self._split(len(g_rows), lambda a, b: torch._foreach_mul_(g_rows[a:b], coef))  # elementwise: g.mul_'s bits
         self.opt.update(job.uniq[rows], None, step, lr, **self.hyper, g_rows=g_rows)
 
-    def _flush(self):
-        """Queue whatever is left of the last step's update."""
-        while self.updating is not None and self.updating.groups:
-            self._submit(*self.updating.groups.pop(0)[1])
+    def _flush(self, j=None):
+        """Queue the rest of the last step's update: all, or the groups the next step's micro-batches 0..j need."""
+        prev = self.updating
+        while prev is not None and prev.groups and (j is None or prev.groups[0][0] <= j):
+            self._submit(*prev.groups.pop(0)[1])
 
     def drain(self):
         """Every update queued and done, and the device's queued work: a barrier for timing (bench.py)."""
@@ -371,7 +357,7 @@ class OffloadedTables(Tables):
         """(stem_ids, stem_tables) for ids (any shape), synchronously: the inverse index, the unique rows."""
         uniq, inv = torch.unique(ids.cpu(), sorted=True, return_inverse=True)
         rows = self.table.index_select(0, uniq).to(self.device)
-        return inv.to(self.device), [rows[:, self.cols(l)] for l in range(self.n)]
+        return inv.to(self.device), self.layers(rows)
 
     def prefetch_prompt(self, stem_ids, chunk):
         """Queue the prompt's first two chunks; stem_fn serves each and queues the next while one computes."""
@@ -403,21 +389,21 @@ class OffloadedTables(Tables):
     def state_dict(self, model):
         self.sync()
         sd = model.state_dict()
-        for l, name in enumerate(self.names):
-            sd[name] = self.table[:, self.cols(l)].clone()
+        for name, t in zip(self.names, self.layers(self.table)):
+            sd[name] = t.clone()
         return sd
 
     def optimizer_state_dict(self, lr):
         """The lazy table optimizer's state in the resident format: a resident run resumes from it, and the reverse."""
         self.sync()
-        return self._lazy_state([(self.opt.m[:, self.cols(l)].clone(), self.opt.v[:, self.cols(l)].clone())
-                                 for l in range(self.n)], lr)
+        m, v = self.layers(self.opt.m), self.layers(self.opt.v)
+        return self._lazy_state([(m[l].clone(), v[l].clone()) for l in range(self.n)], lr)
 
     def load_optimizer_state_dict(self, sd):
         self._check_loadable(sd, " without --offload" if self.optimizer == "lazy" else "")
         for l, st in sd["state"].items():
-            self.opt.m[:, self.cols(int(l))] = st["exp_avg"]
-            self.opt.v[:, self.cols(int(l))] = st["exp_avg_sq"]
+            self.layers(self.opt.m)[int(l)].copy_(st["exp_avg"])
+            self.layers(self.opt.v)[int(l)].copy_(st["exp_avg_sq"])
 
 
 class RowCache:
@@ -436,9 +422,8 @@ class RowCache:
         """(stem_ids, stem_tables) for one decode step's ids (B, 1): cache slots, and the cache."""
         flat = ids.reshape(-1).tolist()
         needed = set(flat)
-        if len(needed) > self.n:
-            raise UserError(f"offload_cache_rows={self.n} is smaller than the {len(needed)} distinct ids "
-                               f"of one decode step: raise --offload_cache_rows")
+        require(len(needed) <= self.n, f"offload_cache_rows={self.n} is smaller than the {len(needed)} distinct ids "
+                f"of one decode step: raise --offload_cache_rows")
         self.clock += 1
         missing = [t for t in dict.fromkeys(flat) if t not in self.slot_of]
         n_miss = sum(t not in self.slot_of for t in flat)
@@ -459,7 +444,7 @@ class RowCache:
         self.freq.index_add_(0, idx, torch.ones_like(idx))
         self.last[idx] = self.clock
         idx = idx.to(self.off.device).view(ids.shape)
-        return idx, [self.buf[:, self.off.cols(l)] for l in range(self.off.n)]
+        return idx, self.off.layers(self.buf)
 
     def hit_rate(self):
         return self.hits / (self.hits + self.misses) if self.hits + self.misses else float("nan")

@@ -15,16 +15,14 @@ checkpoints with the same keys, so a run can switch placement on resume.
 
 Two table optimizers (the paper trains its tables with AdamW like every other weight):
 - dense: torch.optim.AdamW over whole tables, the paper's recipe. Rows absent from the batch still move (momentum,
-  weight decay), so every row is read and written each step, and backward builds a (vocab, ffn_hidden) gradient
-  per table.
-- lazy: a row-sparse AdamW. Only the rows whose ids are in the step change, weight decay included; the moments of
-  absent rows are untouched. A different optimizer, and the one that makes offload cheap. It never builds a
-  (vocab, ffn_hidden) gradient: per step, torch.unique gives the K unique ids and the inverse index (position ->
-  row); each STEM layer gets a (K, ffn_hidden) leaf tensor holding its table's rows and looks them up by the
-  inverse index: the same F.embedding as a plain lookup, into a smaller table (GPT.forward's stem_ids and
-  stem_tables). Backward leaves a compact (K, ffn_hidden) gradient per layer, and `RowAdamW` updates exactly those
-  K rows in place. offload.py fetches each micro-batch's rows alone, sums their gradients into the step's K rows on
-  the host and runs the same RowAdamW: the two placements are bit-identical on the CPU (tested).
+  weight decay): every row is read and written each step, and backward builds a (vocab, ffn_hidden) gradient per table.
+- lazy: a row-sparse AdamW, a different optimizer and the one that makes offload cheap: only the rows whose ids are in
+  the step change, weight decay included; absent rows' moments are untouched. No (vocab, ffn_hidden) gradient is built:
+  per step, torch.unique gives the K unique ids and the inverse index (position -> row); each STEM layer looks up, by
+  the inverse index, a (K, ffn_hidden) leaf tensor of its table's rows (GPT.forward's stem_ids, stem_tables: a plain
+  lookup's F.embedding, into a smaller table). Backward leaves a compact (K, ffn_hidden) gradient per layer; `RowAdamW`
+  updates exactly those K rows in place. offload.py fetches each micro-batch's rows alone, sums their gradients into the
+  step's K rows on the host and runs the same RowAdamW: the placements are bit-identical on the CPU (tested).
 
 Under DDP (resident only) the ranks agree on the union of their ids before the step, so that the compact gradients
 line up row for row and can be all-reduced; every rank updates the same rows.
@@ -36,6 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
+
+NARROW = 1024  # RowAdamW: rows narrower than this many values are gathered, wider ones updated in place
 
 
 def adamw_(params, grads, exp_avgs, exp_avg_sqs, step, lr, betas, eps, weight_decay):
@@ -80,17 +80,13 @@ def _single_thread():
     torch.set_num_threads(1)  # per thread: the main thread keeps its own intra-op threads
 
 
-NARROW = 1024  # RowAdamW: rows narrower than this many values are gathered, wider ones updated in place
-
-
 class RowAdamW:
     """Lazy AdamW on chosen rows of a (V, W) table `p`, with moments m and v beside it.
 
     Two ways, the same bits (the kernel is elementwise; see adamw_):
-    - wide rows on the CPU (W >= 1,024 values: 4 KiB and up, e.g. offload's packed rows): in place on row views
-      (no gather, no scatter), the rows split over `threads` threads with one intra-op thread each: the fused
-      kernel opens a parallel region per tensor, which costs more than a row's work when a row is a few KiB. The
-      views of p, m, v are made once (a microsecond or two a row).
+    - wide rows on the CPU (W >= 1,024 values: 4 KiB and up, e.g. offload's packed rows): in place on row views of p, m,
+      v (made once: a microsecond or two a row), split over `threads` threads, one intra-op thread each: the fused
+      kernel opens a parallel region per tensor, costing more than a row's work when a row is a few KiB.
     - narrow rows on the CPU, and every row on CUDA: gather the rows of p, m, v into a persistent block, run the
       kernel once, scatter them back. For narrow rows the per-row kernel calls cost more than the copies (measured
       on a 2-core CPU: the crossover near 1,024 values, the gather about twice as fast at 512); the GPU's memory
@@ -98,8 +94,7 @@ class RowAdamW:
 
     def __init__(self, p, threads=None):
         self.p, self.m, self.v = p, torch.zeros_like(p), torch.zeros_like(p)
-        self.cuda = p.is_cuda
-        self.gather = self.cuda or p.size(1) < NARROW
+        self.gather = p.is_cuda or p.size(1) < NARROW
         self.block = None  # (3, rows, W): the gathered p, m, v, grown to the largest step seen
         self.threads = None  # the gather runs on the caller's thread (and its intra-op threads)
         if not self.gather:
@@ -125,10 +120,8 @@ class RowAdamW:
             return
         ids = ids.tolist()
         g = g if g_rows is None else g_rows  # sliced below: a tensor or a tuple of its rows
-        cuts = [len(ids) * k // self.threads for k in range(self.threads + 1)]
-        jobs = [self.pool.submit(self._rows, ids[a:b], g[a:b], hyper) for a, b in zip(cuts, cuts[1:]) if b > a]
-        for j in jobs:
-            j.result()
+        cuts = [len(ids) * k // self.threads for k in range(self.threads + 1)]  # a thread's share: rows a..b
+        list(self.pool.map(lambda a, b: self._rows(ids[a:b], g[a:b], hyper), cuts, cuts[1:]))  # re-raises an error
 
     def _rows(self, ids, g, hyper):
         """One thread's share of the rows: views of p, m, v (made once) and of g (made here unless given)."""
@@ -219,8 +212,7 @@ class ResidentTables(Tables):
         return to_device(uniq, self.device), [to_device(inv, self.device) for inv in inverses]
 
     def rows(self):
-        n_micro, ids = self.pending
-        self.pending = None
+        (n_micro, ids), self.pending = self.pending, None
         if ids is None:
             return [(None, None)] * n_micro  # dense (or no STEM layers): the model looks its rows up itself
         uniq, inverses = ids

@@ -7,8 +7,8 @@ tokenizer. It is not the corpus reader (prepare_data.py) and holds nothing about
 
 Our BPE learns merges the way GPT-2's did (GPT-2's pre-tokenizer cuts text into pieces, merges
 never cross pieces) and saves them in tiktoken's file format, so tiktoken's fast Rust encoder runs
-our vocabulary: training is the Python below, encoding is tiktoken. bpe_encode_reference is the
-same algorithm in plain Python, for the tests to check tiktoken against.
+our vocabulary: training is the Python below, encoding is tiktoken (tests/test_data.py checks it
+against the same algorithm in plain Python).
 """
 import base64
 import heapq
@@ -112,24 +112,6 @@ def train_bpe(text, vocab_size, progress=True):
                 del pair_counts[p]
     bar.close()
     return ranks
-
-
-def bpe_encode_reference(text, ranks):
-    """Plain-Python BPE encoding, the same algorithm as tiktoken (used by the tests to check it)."""
-    ids = []
-    for piece in regex.findall(GPT2_SPLIT_PATTERN, text):
-        parts = [bytes([x]) for x in piece.encode("utf-8")]
-        while len(parts) > 1:
-            # merge the adjacent pair whose concatenation has the lowest rank (leftmost on ties):
-            # low ranks were learned first, so this replays the training merges in order
-            candidates = [(ranks[parts[i] + parts[i + 1]], i) for i in range(len(parts) - 1)
-                          if parts[i] + parts[i + 1] in ranks]
-            if not candidates:
-                break
-            _, i = min(candidates)
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
-        ids.extend(ranks[p] for p in parts)
-    return ids
 
 
 def tiktoken_bytes(ranks):

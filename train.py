@@ -98,8 +98,7 @@ def check_config(tc, mc, resuming_keys_unknown=False):
 
 
 def refuse_to_overwrite(tc):
-    """A fresh start never writes over a run. Checked after the values, the device and the data, so that
-    a mistake in those is what a user hears about first."""
+    """A fresh start never writes over a run (checked after values, device and data: those are heard first)."""
     ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
     if tc.init_from == "scratch" and os.path.exists(ckpt_path):
         raise UserError(f"{ckpt_path} exists: continue that run with --init_from=resume, or start over in another "
@@ -192,8 +191,7 @@ def load_probes(tc, meta):
 
 
 def checkpoint(raw_model, tables, optimizer, tc, mc, meta, state, data_rng, device, data_rngs=None):
-    """Everything a resume needs, with the same keys whether the tables were resident or offloaded."""
-    return {
+    return {  # everything a resume needs, with the same keys whether the tables were resident or offloaded
         "model": tables.state_dict(raw_model),
         "optimizer": {"backbone": optimizer.state_dict(),
                       "tables": tables.optimizer_state_dict(get_lr(state["iter"], tc))},
@@ -210,10 +208,9 @@ def start_processes(tc):
     """(ddp, rank, world size) under torchrun (NCCL on GPUs, one per process; gloo on CPUs), else one process."""
     if int(os.environ.get("RANK", -1)) == -1:
         return False, 0, 1
-    import torch.distributed as dist
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     use_cuda = tc.device != "cpu" and torch.cuda.is_available()
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
     if use_cuda:
         tc.device = f"cuda:{local}"
         torch.cuda.set_device(tc.device)
@@ -298,14 +295,13 @@ def train(tc, mc, keys_set):
                 f"(raise --max_iters to continue)")
     model = torch.compile(raw_model) if tc.compile and device.startswith("cuda") else raw_model  # CPU: not worth it
     if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device.startswith("cuda") else None)
+        local = [int(os.environ["LOCAL_RANK"])] if device.startswith("cuda") else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=local)
+    tokens_per_step = tc.batch_size * mc.block_size * tc.grad_accum * world
     if master:
         print_config(mc, tc)
         print(note + f"; compile: {'on' if tc.compile and device.startswith('cuda') else 'off'}"
               + (f"; DDP over {world} processes" if ddp else "") + f"; tables: {tables.describe()}")
-    tokens_per_step = tc.batch_size * mc.block_size * tc.grad_accum * world
-    if master:
         print_accounting(raw_model, *accounting, tc=tc, tokens_per_step=tokens_per_step,
                          table_bytes=offload.device_bytes(mc, tc.batch_size, grad_accum=tc.grad_accum))
         print(f"data: {tc.data_dir} ({meta['dataset']}, vocab {meta['vocab_size']}, "

@@ -2,15 +2,19 @@
 are never asserted). The modes run in-process; train mode's children and the error line are subprocesses."""
 import json
 import os
+import re
 import subprocess
 from contextlib import nullcontext
+from dataclasses import asdict
 
 import pytest
+import torch
 
-from conftest import assert_user_error, run
+from conftest import ROOT, assert_user_error, run
 
 import bench
-from configurator import UserError
+import offload
+from configurator import UserError, read_preset
 from model import GPT, GPTConfig
 
 SMALL = ["--device=cpu", "--burn_in=0", "--steps=1", "--n_layer=2", "--n_head=2", "--n_embd=32", "--ffn_hidden=64",
@@ -88,13 +92,14 @@ def test_run_variants_takes_medians_of_the_children(monkeypatch):
     a, b = bench.run_variants(["--steps=3", "--mode=offload"], ["swiglu", "stem-lazy"], 3, tokens=100, peak=1e3)
     # a child gets the parent's arguments, then its own keys (the later --mode wins)
     assert calls[0][2:] == ["--steps=3", "--mode=offload", "--mode=train", "--child=speed",
-                            "--variant=swiglu,stem-lazy"]
-    assert [c[-1] for c in calls[3:]] == ["--variant=swiglu", "--variant=stem-lazy"]  # memory: each variant alone
+                            "--variants=swiglu,stem-lazy"]
+    assert [c[-1] for c in calls[3:]] == ["--variants=swiglu", "--variants=stem-lazy"]  # memory: each variant alone
     assert a["step_s_runs"] == [1.0, 2.0, 6.0] and a["step_ms"] == 2000.0 and a["tok_per_s"] == 50.0
     assert b["step_ms"] == 3000.0 and (a["peak_mem_mib"], b["peak_mem_mib"]) == (10.0, 20.0)
     assert a["mfu"] == 7.0 * 50.0 / 1e3 and a["vs_swiglu"] == 1.0 and b["vs_stem_lazy"] == 1.0
     # stem-lazy against swiglu: the median of the per-child ratios 1/4, 2/2, 6/3 is 1.0 (not the ratio of the
     # medians, 2/3); swiglu against stem-lazy: the median of 4, 1, 0.5
+    assert b["vs_swiglu_runs"] == [0.25, 1.0, 2.0] and a["vs_stem_lazy_runs"] == [4.0, 1.0, 0.5]
     assert b["vs_swiglu"] == 1.0 and a["vs_stem_lazy"] == 1.0
     speed = iter([{"swiglu": 1.0, "stem-lazy": 4.0}])
     a, b = bench.run_variants([], ["swiglu", "stem-lazy"], 1, tokens=100, peak=None)
@@ -145,30 +150,34 @@ def test_peak_flops_by_gpu_variant(monkeypatch):
 def test_cuda_calls_name_their_device(monkeypatch):
     # --device=cuda:1: synchronize and the peak-memory statistics must ask cuda:1, not the current device
     seen = []
-    for fn in ("synchronize", "reset_peak_memory_stats", "max_memory_allocated"):
+    for fn in ("synchronize", "max_memory_allocated"):
         monkeypatch.setattr(bench.torch.cuda, fn, lambda d=None, fn=fn: seen.append((fn, d)) or 2**20)
     bench.timed({"a": lambda: None}, "cuda:1", burn_in=0, steps=1)
     steps = []
     monkeypatch.setattr(bench, "trainer", lambda *a: (lambda: steps.append(1), lambda: None, 1.0))
-    bc = bench.BenchConfig(child="memory", variant="swiglu", burn_in=0)
+    bc = bench.BenchConfig(child="memory", variants="swiglu", burn_in=0)
     assert bench.train_child(bc, None, "cuda:1", None) == dict(peak_mem_mib=1.0) and len(steps) == 2
-    assert seen == [("synchronize", "cuda:1")] * 2 + [("reset_peak_memory_stats", "cuda:1"),
-                                                      ("max_memory_allocated", "cuda:1")]
+    assert seen == [("synchronize", "cuda:1")] * 2 + [("max_memory_allocated", "cuda:1")]
 
 
 def test_offload_and_decode_modes_on_cpu(facts, tmp_path, capsys):
-    res, out = bench_json(capsys, "--mode=offload", f"--data_dir={facts}", "--shape=model", *SMALL)
-    assert "PREDICTED" in out and "predicted, not measured" in out
-    ids = res["ids"]
-    assert ids["tokens_per_step"] == 4 * 32 and 0 < ids["unique"] <= 128 and 0 <= ids["shared"] <= 1
-    assert res["ids"]["used_unique"] == res["ids"]["unique"]  # the data's vocabulary fits the shape: measured K
-    for k in ("gather_gbps", "host_update_gbps", "fused_floor_gbps", "scatter_gbps"):
-        assert res[k] > 0
+    res, out = bench_json(capsys, "--mode=offload", f"--data_dir={facts}", "--shape=model", "--grad_accum=3", *SMALL)
+    assert "PREDICTED, not measured (gpu_check.sh runs the real run)" in out
+    ids = res["ids"]  # the data's vocabulary fits the shape: K, k, s measured
+    assert 0 < ids["unique_micro"] <= ids["unique_step"] <= 3 * 4 * 32 and 0 <= ids["shared"] <= 1
+    assert (ids["used_K"], ids["used_k"], ids["used_shared"]) == (ids["unique_step"], ids["unique_micro"],
+                                                                 ids["shared"])
+    for k in ("gather", "grad_add", "norm", "host_update", "fused_floor"):
+        assert res[f"{k}_gbps"] > 0
     assert res["host_update_vs_floor"] == res["host_update_gbps"] / res["fused_floor_gbps"]
+    cfg = GPTConfig(**{k: res["shape"][k] for k in GPTConfig.__dataclass_fields__})  # the data's vocabulary
+    assert (res["shape"]["batch_size"], res["shape"]["grad_accum"], cfg.n_layer, cfg.ffn_hidden) == (4, 3, 2, 64)
+    k, K = round(ids["unique_micro"]), round(ids["unique_step"])
+    assert res["device_bytes"] == offload.device_bytes(cfg, 4, grad_accum=3, unique_per_micro=k, unique_per_step=K)
     pred = res["predicted"][0]
-    assert pred["n_stem"] == 1 and pred["row_floats"] == 64 and pred["tokens_per_step"] == 4 * 32
+    assert pred["n_stem"] == 1 and pred["row_floats"] == 64 and pred["tokens_per_step"] == 3 * 4 * 32
     assert pred["peak_flops"] == bench.PEAK_FLOPS["H200"] and res["peak_flops"] is None  # CPU: an H200 is modelled
-    assert abs(pred["gpu_step_ms"] - pred["train_flops_per_token"] * 128 / (0.5 * pred["peak_flops"]) * 1e3) < 1e-9
+    assert abs(pred["gpu_step_ms"] - pred["train_flops_per_token"] * 384 / (0.5 * pred["peak_flops"]) * 1e3) < 1e-9
     assert 0 < res["predicted_ratio"] <= 1 and "measured" not in res
     res, _ = bench_json(capsys, "--mode=decode", f"--data_dir={facts}", "--cache_sizes=4,64", "--decode_tokens=5",
                         f"--plot_dir={tmp_path}", *SMALL)
@@ -176,6 +185,66 @@ def test_offload_and_decode_modes_on_cpu(facts, tmp_path, capsys):
     assert [r["cache_rows"] for r in res["decode"]] == [0, 4, 64]
     assert 0 <= res["decode"][1]["hit_rate"] <= res["decode"][2]["hit_rate"] <= 1
     assert os.path.isfile(tmp_path / "decode_hit_rate.png")
+
+
+def test_offload_default_is_the_gpt2_small_preset_with_its_device_bytes(facts, capsys, monkeypatch):
+    # the default shape and batch are the preset's; the host rates are stubbed (large tables: bench.py measures them)
+    monkeypatch.setattr(bench, "host_rates", lambda V, W, h, K, k, steps: (dict.fromkeys(
+        ("gather_gbps", "grad_add_gbps", "norm_gbps", "host_update_gbps", "fused_floor_gbps"), 1.0), 2))
+    res, out = bench_json(capsys, "--mode=offload", f"--data_dir={facts}", "--device=cpu", "--steps=1")
+    preset = dict(read_preset(os.path.join(ROOT, "presets", "gpt2_small_stem.py")))
+    cfg = GPTConfig(vocab_size=50257, **{k: v for k, v in preset.items() if k in GPTConfig.__dataclass_fields__})
+    assert res["shape"] == dict(asdict(cfg), batch_size=16, grad_accum=32) == dict(
+        res["shape"], batch_size=preset["batch_size"], grad_accum=preset["grad_accum"])
+    # facts' vocabulary is not GPT-2's: K and k are the web-text estimate
+    assert res["ids"]["source"].startswith("the web-text estimate") and res["ids"]["used_K"] == 30_000
+    want = offload.device_bytes(cfg, 16, grad_accum=32, unique_per_micro=5_000, unique_per_step=30_000)
+    assert res["device_bytes"] == want and set(want) == {"resident_lazy", "offload"}
+    assert f"({want['offload'] / want['resident_lazy']:.1%})" in out and "target: offload <= 25%" in out
+
+
+def test_offload_measured_run_takes_gpu_checks_shorter_step(facts, capsys, monkeypatch):
+    # gpu_check.sh shortens offload's measured run with these flags: its children must get them, and the prediction
+    # stay at the preset's 32 micro-batches. A stand-in CUDA: small CPU buffers for the copy rates, no-op syncs.
+    script = open(os.path.join(ROOT, "gpu_check.sh")).read()
+    flags = re.search(r'bench.py --mode offload --data_dir="\$data" (.*?) \\\n', script)[1].split()
+    assert {f.split("=")[0] for f in flags} == {"--grad_accum", "--steps", "--burn_in", "--repeats"}
+    monkeypatch.setattr(bench, "host_rates", lambda V, W, h, K, k, steps: (dict.fromkeys(
+        ("gather_gbps", "grad_add_gbps", "norm_gbps", "host_update_gbps", "fused_floor_gbps"), 1.0), 2))
+    real_empty, calls = torch.empty, []
+    monkeypatch.setattr(bench.torch, "empty", lambda *a, pin_memory=False, **k: (
+        real_empty(4) if pin_memory or k.get("device") == "cuda" else real_empty(*a, **k)))
+    monkeypatch.setattr(bench.torch.cuda, "synchronize", lambda d=None: None)
+
+    def fake_run_variants(argv, variants, repeats, tokens, peak):
+        calls.append((argv, variants, repeats, tokens))
+        return [dict(vs_stem_lazy=1.0 if v == "stem-lazy" else 0.9, tok_per_s=100.0, mfu=0.4, peak_mem_mib=m)
+                for v, m in zip(variants, (900.0, 500.0))]
+    monkeypatch.setattr(bench, "run_variants", fake_run_variants)
+    argv = ["--mode=offload", f"--data_dir={facts}", "--peak_flops=1e15", *flags]
+    bc, mc = bench.BenchConfig(), GPTConfig()
+    keys = bench.parse_config(argv, bc, mc)
+    res = bench.bench_offload(bc, mc, "cuda", argv, keys)
+    [(child_argv, variants, repeats, tokens)] = calls
+    child = bench.BenchConfig()  # what a child makes of its arguments (the later key wins)
+    bench.parse_config(child_argv + ["--mode=train", "--child=speed", f"--variants={','.join(variants)}"], child,
+                       GPTConfig())
+    want = dict(f[2:].split("=") for f in flags)
+    assert {k: str(getattr(child, k)) for k in want} == want and repeats == int(want["repeats"])
+    assert variants == ["stem-lazy", "stem-offload"] and (child.batch_size, child.mode) == (16, "train")
+    assert tokens == int(want["grad_accum"]) * 16 * 1024 and res["measured"]["grad_accum"] == int(want["grad_accum"])
+    assert res["measured"]["ratio"] == 0.9 and res["measured"]["gpu_mem_saved_mib"] == 400.0
+    assert res["shape"]["grad_accum"] == 32 and {p["grad_accum"] for p in res["predicted"]} == {32}
+    assert res["h2d_gbps"] > 0 and "MEASURED offloaded/resident-lazy tok/s (grad_accum 4)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args", [["--mode=decode", "--ffn=swiglu"], ["--mode=decode", "--block_size=2"],
+                                  ["--mode=offload", "--shape=model", "--ffn=swiglu"],
+                                  ["--mode=train", "--ffn=swiglu", "--variants=stem-lazy"]])
+def test_refusals_come_before_the_default_data_is_made(args):
+    with pytest.raises(UserError):
+        bench.main(["--device=cpu", *args])
+    assert os.listdir(".") == []  # the default data/facts was not prepared (cwd: the test's own empty folder)
 
 
 def test_bench_bad_arguments(tmp_path):
@@ -189,25 +258,26 @@ def test_bench_bad_arguments(tmp_path):
 
 
 def test_step_model_against_hand_arithmetic():
-    shape = dict(n_layer=3, n_head=2, n_embd=64, ffn_hidden=128, vocab_size=1000, block_size=32, stem_layers="1,2",
-                 batch_size=4)
-    rates = dict(gather_gbps=8.0, host_update_gbps=2.0, scatter_gbps=4.0)
-    K, s, link, host, mfu, peak = 100, 0.4, 10.0, 20.0, 0.5, 1e12
-    pred, pred_here, inputs = bench.step_model(shape, K, s, rates, link, host, mfu, peak)
-    W, tokens = 2 * 128, 4 * 32
+    cfg = GPTConfig(n_layer=3, n_head=2, n_embd=64, ffn_hidden=128, vocab_size=1000, block_size=32, stem_layers="1,2")
+    B, A, K, k, s, host, mfu = 4, 3, 100, 50, 0.4, 20.0, 0.5
+    W, tokens, k0 = 2 * 128, 4 * 32 * 3, 20
     # forward FLOPs per token by hand: 2 per matmul weight (attention 4 d^2 per layer, FFN 3 d h for
     # SwiGLU layers and 2 d h for STEM layers, the head V d) plus attention scores 4 L T d
     d, h, L, T, V = 64, 128, 3, 32, 1000
     fwd = 2 * (L * 4 * d * d + (3 * d * h) + 2 * (2 * d * h) + V * d) + 4 * L * T * d
-    t_gpu = 3 * fwd * tokens / (mfu * peak)
-    new, upd, wb, mv = K * 0.6, K * 0.36, K * 0.4 * 0.6, K * 0.6 * 0.4
-    t_here = ((new + 2 * mv) * W * 4 / 8e9 + upd * W * 4 / 2e9 + 3 * wb * W * 4 / 4e9)
-    t_server = (8 * (new + 2 * mv) * W + 28 * upd * W + 8 * 3 * wb * W) / 20e9
-    t_h2d, t_d2h = (new + 2 * mv) * W * 4 / 10e9, (upd + 3 * wb) * W * 4 / 10e9
-    t_dev = 28 * (K - upd) * W / 4.8e12 * 3
-    assert abs(inputs["gpu_step_ms"] - t_gpu * 1e3) < 1e-9
-    assert abs(pred - t_gpu / max(t_gpu + t_dev, t_server, t_h2d, t_d2h)) < 1e-12
-    assert abs(pred_here - t_gpu / max(t_gpu + t_dev, t_here, t_h2d, t_d2h)) < 1e-12
+    won = set()
+    for peak, link in ((1e12, 10.0), (1e14, 10.0), (1e16, 0.05)):  # the GPU, the host, the copies take longest
+        t_gpu = 3 * fwd * tokens / (mfu * peak)
+        one_way = k * W * 4 / (link * 1e9)
+        gap = 2 * one_way + (12 * k + 4 * K + 28 * k0 + 8 * k) * W / 20e9  # BYTES at 20 GB/s
+        host_work = (28 * (K - k0) + 2 * (8 + 12) * k) * W / 20e9  # A - 1 = 2 other micro-batches
+        copies = 2 * one_way
+        pred, inputs = bench.step_model(cfg, B, A, K, k, s, link, host, mfu, peak)
+        assert abs(pred - t_gpu / (gap + max(t_gpu, host_work, copies))) < 1e-12
+        assert abs(inputs["gpu_step_ms"] - t_gpu * 1e3) < 1e-9 and inputs["next_micro0_rows"] == k0
+        assert abs(inputs["gap_ms"] - gap * 1e3) < 1e-9
+        won.add(max((t_gpu, "gpu"), (host_work, "host"), (copies, "copies"))[1])
+    assert won == {"gpu", "host", "copies"}
 
 
 def test_plot_without_matplotlib_says_so_and_draws_nothing(monkeypatch, tmp_path, capsys):
