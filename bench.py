@@ -57,7 +57,7 @@ class BenchConfig:
     cache_sizes: str = "16,64,256,1024"  # decode mode: GPU row cache sizes
     decode_tokens: int = 64  # decode mode: new tokens per sample
     ckpt: str = ""  # decode mode: a trained checkpoint (file or run folder) and its data; "" = random init
-    plot_dir: str = "out/bench"  # where PNGs go (the README's are in assets/: pass --plot_dir=assets to redo them)
+    plot_dir: str = "out/bench"  # where PNGs go (decode mode's hit rate plot)
     child: str = ""  # internal: a child of train mode: "speed" (its variants in turns) or "memory" (one alone)
 
 
@@ -186,7 +186,7 @@ VARIANTS = {"swiglu": ("swiglu", "dense", False), "stem-dense": ("stem", "dense"
 
 
 def trainer(variant, bc, mc, device, ctx):
-    """One variant's training step as train.py's (the next step's rows prefetched), its drain, its FLOPs per token."""
+    """One variant's training step as train.py's (the next step's rows prefetched), its sync, its FLOPs per token."""
     ffn, table_optimizer, offloaded = VARIANTS[variant]
     meta = load_meta(bc.data_dir)
     mc = GPTConfig(**{**asdict(mc), "ffn": ffn, "vocab_size": meta["vocab_size"]})
@@ -198,25 +198,26 @@ def trainer(variant, bc, mc, device, ctx):
     optimizer = configure_optimizer(raw, 1e-3, 0.1)
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
-    def draw():  # the next step's micro-batches, their ids prefetched (offload: fetched while this step computes)
+    def draw():  # a step's micro-batches, their ids prefetched (offload: fetched while the step before computes)
         micro = [batches.get("train", to_device=False) for _ in range(bc.grad_accum)]
         tables.prefetch([x for x, _ in micro])
         return micro
     upcoming = [draw()]
 
-    def step():
+    def step():  # train.py's order: the next step drawn after micro-batch 0's backward; the tables, then the backbone
         micro, rows = upcoming[0], tables.rows()
-        upcoming[0] = draw()
-        for (x, y), (stem_ids, stem_tables) in zip(micro, rows):
+        for j, ((x, y), (stem_ids, stem_tables)) in enumerate(zip(micro, rows)):
             x, y = batches.to_device(x, y)
             with ctx:
                 _, loss = model(x, y, stem_ids=stem_ids, stem_tables=stem_tables)
             (loss / bc.grad_accum).backward()
+            if j == 0:
+                upcoming[0] = draw()
+        tables.step(1e-3, 1.0)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        tables.step(1e-3, 1.0)
         optimizer.zero_grad(set_to_none=True)
-    return step, tables.drain, 3 * raw.flops_per_token()
+    return step, tables.sync, 3 * raw.flops_per_token()
 
 
 def train_child(bc, mc, device, ctx):
@@ -226,10 +227,10 @@ def train_child(bc, mc, device, ctx):
         dt = timed({v: b[0] for v, b in built.items()}, device, bc.burn_in, bc.steps, bc.turn,
                    {v: b[1] for v, b in built.items()})
         return {v: dict(step_s=dt[v], train_flops_per_token=b[2]) for v, b in built.items()}
-    step, drain, _ = next(iter(built.values()))
+    step, sync, _ = next(iter(built.values()))
     for _ in range(max(bc.burn_in, 1) + 1):
         step()
-    drain()  # peaks since this process began, its variant alone: the CPU's RSS in KiB (Linux), CUDA's allocation
+    sync()  # peaks since this process began, its variant alone: the CPU's RSS in KiB (Linux), CUDA's allocation
     return dict(peak_mem_mib=torch.cuda.max_memory_allocated(device) / 2**20 if device.startswith("cuda") else
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
@@ -372,7 +373,7 @@ def bench_offload(bc, mc, device, argv, keys_set):
              f"tensor) of {K:,.0f}", " / ".join(f"{v:.2f}" for v in rates.values())),
             (f"host_update_vs_floor (RowAdamW: {f'{threads} threads' if threads else 'one gathered block'})",
              f"{res['host_update_vs_floor']:.2f}"),
-            ("tables' GPU memory, predicted: resident lazy / offload (target: offload <= 25%)",
+            ("tables' GPU memory, predicted: resident lazy / offload (offload / resident)",
              f"{dev['resident_lazy'] / 2**20:,.1f} / {dev['offload'] / 2**20:,.1f} MiB "
              f"({dev['offload'] / dev['resident_lazy']:.1%})")]
     link = 50.0  # GB/s, pinned PCIe Gen5 x16 as reported for H100; measured below on CUDA
@@ -463,6 +464,8 @@ def check_config(bc, mc):
         require(all(len(p) == n and all(v.isdigit() and int(v) > 0 for v in p) for p in parts),
                 f"{key}={getattr(bc, key)!r} is not a comma-separated list such as {eg}")
     require(not os.path.isfile(bc.plot_dir), f"plot_dir={bc.plot_dir} is a file: choose a folder")
+    require(bc.child in ("", "speed", "memory"), f"child={bc.child!r} is internal (train mode's children): drop it")
+    require(not bc.ckpt or os.path.isfile(ckpt_file(bc.ckpt)), f"no checkpoint at {bc.ckpt} (a ckpt.pt or its folder)")
     check_model_config(mc)
     if bc.mode == "train":  # the variants that run: with --ffn=swiglu, only swiglu
         names = [v for v in bc.variants.split(",") if v and (mc.ffn != "swiglu" or v == "swiglu")]

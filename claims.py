@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from bench import ckpt_file, plot, table
-from common import (Batches, check_provenance, edit_probes, fact_recall, load_checkpoint, load_meta,
-                    model_from_checkpoint, resolve_device)
+from common import (Batches, check_provenance, edit_probes, fact_recall, load_checkpoint, load_facts, load_meta,
+                    model_from_checkpoint, read_metrics, resolve_device)
 from configurator import UserError, die, parse_config, require
 from model import GPT
 from tokenizer import load_tokenizer
@@ -71,10 +71,7 @@ def read_evals(run):
     """(eval rows, train rows) of run/metrics.jsonl, each in step order."""
     path = os.path.join(run, "metrics.jsonl")
     require(os.path.isfile(path), f"{run} holds no metrics.jsonl: give run folders (train.py's --out_dir)")
-    try:
-        rows = sorted((json.loads(line) for line in open(path) if line.strip()), key=lambda r: r["iter"])
-    except ValueError:
-        raise UserError(f"{path} is not JSON lines (one object a line, as train.py writes)") from None
+    rows = sorted(read_metrics(path), key=lambda r: r["iter"])
     return [r for r in rows if r["kind"] == "eval"], [r for r in rows if r["kind"] == "train"]
 
 
@@ -89,6 +86,8 @@ def finished_runs(runs_dir, pattern=r".+"):
         if ckpt is None or ckpt["iter"] != ckpt["config"]["train"]["max_iters"]:
             print(f"# skipping {name}: unfinished (" + ("no checkpoint yet)" if ckpt is None else
                   f"{ckpt['iter']} of {ckpt['config']['train']['max_iters']} steps)"))
+        elif ckpt["iter"] == 0:  # train.py --max_iters=0 (a look at the setup): no losses to compare
+            print(f"# skipping {name}: trained 0 steps")
         else:
             yield run, m, ckpt
 
@@ -141,10 +140,10 @@ def claims_quality(cc):
     groups = {}  # (dataset, arch) -> finished runs
     for run, m, ckpt in finished_runs(cc.runs_dir, r"([^-]+)-(.+)-s\d+"):
         model, data_dir = model_from_checkpoint(ckpt, run), ckpt["config"]["train"]["data_dir"]
-        edit, facts_path = None, os.path.join(data_dir, "facts.json")
-        if model.stem_layers and os.path.isfile(facts_path):  # knowledge editing by row swaps, 100 entity pairs
+        edit = None
+        if model.stem_layers and os.path.isfile(os.path.join(data_dir, "facts.json")):  # edits by row swaps, 100 pairs
             enc = load_tokenizer(data_dir)
-            edit = fact_recall(model, enc, edit_probes(json.load(open(facts_path)), enc), "cpu")["recall"]
+            edit = fact_recall(model, enc, edit_probes(load_facts(data_dir), enc), "cpu")["recall"]
         ev, tr = read_evals(run)
         groups.setdefault(m.groups(), []).append(dict(ev=ev, counts=model.param_counts(), edit=edit,
                                                       flops=3 * model.flops_per_token(),
@@ -470,9 +469,7 @@ LOCALITY_FIGURES = (  # (figure, the count it is a fraction of, what it is)
 def claims_locality(cc, device, ctx):
     """Claim 6: an edit of A changes A's facts, not C's in the same prompt; rows never looked up change nothing."""
     model, _, data_dir, _ = load_model(cc, device)
-    facts_path = os.path.join(data_dir, "facts.json")
-    require(os.path.isfile(facts_path), f"{data_dir} is not a facts dataset (no facts.json): --mode locality needs one")
-    facts, enc = json.load(open(facts_path)), load_tokenizer(data_dir)
+    facts, enc = load_facts(data_dir, "--mode locality needs one"), load_tokenizer(data_dir)
     probes = edit_probes(facts, enc)
     recall, edit = (fact_recall(model, enc, p, device, ctx)["recall"] for p in (facts["probes"], probes))
     model.eval()  # fact_recall leaves the model in train mode
@@ -605,8 +602,10 @@ def main(argv):
     check_config(cc)
     device, _, ctx, note = resolve_device(cc.device, cc.dtype)
     print(f"# nanoSTEM claims --mode {cc.mode} | {note} | torch {torch.__version__} | {time.strftime('%Y-%m-%d')}")
-    args = dict(spread=(device, ctx), locality=(device, ctx), context=(device, ctx, keys_set)).get(cc.mode, ())
-    res = globals()[f"claims_{cc.mode}"](cc, *args)  # the mode's function, claims_MODE
+    res = dict(curves=lambda: claims_curves(cc), quality=lambda: claims_quality(cc),
+               stability=lambda: claims_stability(cc), summary=lambda: claims_summary(cc),
+               spread=lambda: claims_spread(cc, device, ctx), locality=lambda: claims_locality(cc, device, ctx),
+               context=lambda: claims_context(cc, device, ctx, keys_set))[cc.mode]()
     res.update(mode=cc.mode, device=note, torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     print(json.dumps(res))
 

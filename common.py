@@ -1,8 +1,7 @@
 """
-What train.py, sample.py, bench.py and claims.py share: the device and dtype decision, the data
-batches, checkpoints and their provenance, the run lock, evaluation (loss, fact recall, edit probes),
-the loss plot and the accounting printout. It is not a script (nothing to run) and holds no model
-code: model.py stands alone, and the config mechanism is configurator.py.
+What train.py, sample.py, bench.py and claims.py share: the device and dtype decision, data batches and facts,
+checkpoints and their provenance, the run lock, evaluation (loss, fact recall, edit probes), metrics.jsonl, the loss
+plot, the accounting printout. Not a script (nothing to run); no model code (model.py) or configs (configurator.py).
 
     from common import Batches, load_checkpoint, fact_recall     # as the scripts do
 """
@@ -22,6 +21,7 @@ import torch
 import prepare_data
 from configurator import UserError, require
 from model import GPT, GPTConfig, parse_stem_layers
+from tables import to_device
 
 # -----------------------------------------------------------------------------
 # config checks
@@ -50,10 +50,9 @@ def check_model_config(mc):
 
 def reuse_freed_memory():
     """On Linux with glibc: keep freed memory for the next allocation (MALLOC_MMAP_MAX_=0 and a huge
-    MALLOC_TRIM_THRESHOLD_, set at run time). Otherwise glibc maps every block over 32 MiB afresh (the
-    logits at GPT-2's vocabulary are 200 MB) and each CPU step page-faults its big tensors in again: up
-    to 40% of a step, and varying between processes by more than STEM's FLOP saving. The cost: the
-    process keeps its peak memory until it exits. Returns whether it applied."""
+    MALLOC_TRIM_THRESHOLD_, set at run time). Otherwise glibc maps every block over 32 MiB afresh (GPT-2 logits:
+    200 MB) and each CPU step page-faults its big tensors in again: up to 40% of a step, varying between processes
+    by more than STEM's FLOP saving. Cost: peak memory is kept until exit. Returns whether it applied."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
@@ -75,10 +74,9 @@ def resolve_device(device, dtype):
         dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
     if dtype not in ("float32", "bfloat16"):
         raise UserError(f"dtype={dtype!r} is not one of auto, float32, bfloat16")
-    dev_type = kind
-    ctx = nullcontext() if dtype == "float32" else torch.autocast(dev_type, dtype=torch.bfloat16)
-    what = torch.cuda.get_device_name(device) if dev_type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    if dev_type == "cpu" and reuse_freed_memory():
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(kind, dtype=torch.bfloat16)
+    what = torch.cuda.get_device_name(device) if kind == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    if kind == "cpu" and reuse_freed_memory():
         what += ", freed memory reused (glibc: no mmap per big tensor)"
     note = f"device: {device} ({what}); dtype: {dtype} " + (
         "(weights float32, matmuls in bfloat16 autocast)" if dtype == "bfloat16" else "(float32 throughout)")
@@ -99,21 +97,20 @@ def load_meta(data_dir):
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(path):
         name = os.path.basename(os.path.normpath(data_dir))
-        if name == "facts":
-            hint = "python prepare_data.py"
-        elif name.startswith("facts") and name[5:].isdigit():  # presets/facts400.py's data
-            hint = f"python prepare_data.py --entities={name[5:]} --out_dir={data_dir}"
+        if name.startswith("facts") and (name[5:].isdigit() or name == "facts"):  # facts400: a preset's data
+            hint = "python prepare_data.py" + (f" --entities={name[5:]}" if name[5:] else "")
         elif name.startswith("shakespeare"):
-            hint = f"python prepare_data.py --dataset=shakespeare --tokenizer=gpt2 --out_dir={data_dir}"
+            hint = "python prepare_data.py --dataset=shakespeare --tokenizer=gpt2"
         else:
-            hint = f"python prepare_data.py --dataset=text --input=YOUR_TEXT --out_dir={data_dir}"
+            hint = "python prepare_data.py --dataset=text --input=YOUR_TEXT"
+        if os.path.abspath(data_dir) != os.path.abspath(os.path.join("data", "facts")):  # prepare_data.py's default
+            hint += f" --out_dir={data_dir}"
         if os.path.isdir(data_dir) and os.listdir(data_dir):
             hint += " --force"  # files but no meta.json: an interrupted preparation, or someone else's data
         raise UserError(f"no prepared data in {data_dir} (meta.json missing): run `{hint}` first, "
                         f"or point --data_dir at a prepared folder")
     try:
-        with open(path) as f:
-            meta = json.load(f)
+        meta = json.load(open(path))
         assert isinstance(meta, dict)
         assert isinstance(meta["vocab_size"], int) and meta["vocab_size"] >= 1
         dtype = np.dtype(meta["dtype"])
@@ -126,10 +123,23 @@ def load_meta(data_dir):
     return meta
 
 
+def load_facts(data_dir, need="this needs one"):
+    """facts.json, {"probes": [{prompt, answer, attribute, entity}, ...], "chance": {attribute: probability}}."""
+    path = os.path.join(data_dir, "facts.json")
+    require(os.path.isfile(path) or load_meta(data_dir).get("dataset") == "facts",  # a facts folder without it: damaged
+            f"{data_dir} is not a facts dataset (no facts.json): {need}")
+    try:
+        facts = json.load(open(path))
+        assert facts["probes"] and facts["chance"] and min(facts["chance"].values()) > 0  # train.py prints their mean
+        assert all(isinstance(p[k], str) for p in facts["probes"] for k in ("prompt", "answer", "attribute", "entity"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, AssertionError):
+        raise UserError(f"{data_dir} is damaged (facts.json missing or incomplete): {reprepare(data_dir)}") from None
+    return facts
+
+
 class Batches:
-    """Random windows of block_size+1 tokens from train.bin / val.bin (nanoGPT's get_batch), drawn
-    with a seeded generator whose state goes into the checkpoint, so that a resumed run sees the
-    same batches as an uninterrupted one."""
+    """Random windows of block_size+1 tokens from train.bin / val.bin (nanoGPT's get_batch), drawn with a seeded
+    generator whose state goes into the checkpoint: a resumed run sees the same batches as an uninterrupted one."""
 
     def __init__(self, data_dir, meta, block_size, batch_size, device, seed):
         self.data_dir, self.paths = data_dir, {s: os.path.join(data_dir, f"{s}.bin") for s in ("train", "val")}
@@ -154,9 +164,7 @@ class Batches:
         return self.to_device(x, y) if to_device else (x, y)
 
     def to_device(self, x, y):
-        if self.device.startswith("cuda"):
-            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in (x, y))
-        return x, y
+        return to_device(x, self.device), to_device(y, self.device)
 
 
 def save_checkpoint(path, ckpt):
@@ -176,8 +184,7 @@ def load_checkpoint(path, map_location="cpu"):
         raise UserError(f"{folder} is a file: --out_dir names the folder that holds ckpt.pt "
                         f"(--out_dir={os.path.dirname(folder) or '.'})")
     if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: train one first "
-                        f"(python train.py --out_dir={os.path.dirname(path) or '.'})")
+        raise UserError(f"no checkpoint at {path}: train one first (python train.py --out_dir={folder or '.'})")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
@@ -206,8 +213,7 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
 
 
 def check_same_architecture(saved, current, keys_set, path):
-    """A resumed run takes the model config from the checkpoint; an override that contradicts it
-    (say --ffn=swiglu on a STEM checkpoint) is an error rather than a silent surprise."""
+    """A resumed run takes the model config from the checkpoint: an override that contradicts it is an error."""
     for k in sorted(keys_set & set(saved)):
         if saved[k] != getattr(current, k):
             raise UserError(f"{path} was trained with {k}={saved[k]!r} but this run asks for "
@@ -229,8 +235,7 @@ def check_provenance(ckpt, meta, data_dir, path, key="fingerprint"):
 
 
 class RunLock:
-    """out_dir/train.lock, locked (flock) while a training run writes there: a second run into the folder refuses.
-    The OS drops the lock when its process ends, however it ends, so a crashed run leaves no stale lock."""
+    """out_dir/train.lock, flock-ed while a run writes there (a second run refuses); the OS drops it at any exit."""
 
     def __init__(self, out_dir):
         self.path = os.path.join(out_dir, "train.lock")
@@ -270,8 +275,7 @@ def evaluate(model, batches, eval_iters, ctx, lookup=None):
     model.eval()
     out = {}
     for split in ("train", "val"):
-        gen = torch.Generator().manual_seed(12345)
-        losses = []
+        gen, losses = torch.Generator().manual_seed(12345), []
         for _ in range(eval_iters):
             x, y = batches.get(split, gen)
             with ctx:
@@ -284,14 +288,12 @@ def evaluate(model, batches, eval_iters, ctx, lookup=None):
 
 @torch.no_grad()
 def fact_recall(model, enc, probes, device, ctx=nullcontext(), batch=256, stem_fn=None):
-    """Fraction of probes ("The capital of Zurgilpil is" -> " Palran") whose greedy continuation
-    starts with the answer, overall and per attribute. Probes of equal token length run as a batch.
-    A probe with a "stem_prompt" looks its STEM rows up by that text's ids (an edit)."""
+    """Fraction of probes ("The capital of Zurgilpil is" -> " Palran") whose greedy continuation starts with the
+    answer, overall and per attribute, batched by token length. A "stem_prompt" gives the ids of the rows (an edit)."""
     model.eval()
-    groups = {}
+    groups, hits = {}, {}
     for p in probes:
         groups.setdefault(len(enc.encode(p["prompt"])), []).append(p)
-    hits = {}
     for n, group in groups.items():
         for i in range(0, len(group), batch):
             chunk = group[i:i + batch]
@@ -309,15 +311,12 @@ def fact_recall(model, enc, probes, device, ctx=nullcontext(), batch=256, stem_f
 
 
 def edit_probes(facts, enc, n_pairs=100, seed=0):
-    """Probes that measure knowledge editing: entity A's prompt, with A's token looked up through
-    B's rows; the expected answer is B's. Attributes where A and B agree are left out (no signal),
-    and so are prompts where the swap changes the token count."""
-    rng = random.Random(seed)
-    by = {}
+    """Knowledge-editing probes: entity A's prompt, A's tokens looked up through B's rows, B's answer expected; left
+    out are attributes where A and B agree (no signal) and prompts whose token count the swap changes."""
+    rng, by = random.Random(seed), {}
     for p in facts["probes"]:
         by.setdefault(p["entity"], {})[p["attribute"]] = p
-    names = sorted(by)
-    out = []
+    names, out = sorted(by), []
     for _ in range(n_pairs):
         a, b = rng.sample(names, 2)
         for attr, p in by[a].items():
@@ -328,12 +327,28 @@ def edit_probes(facts, enc, n_pairs=100, seed=0):
     return out
 
 
+def read_metrics(path):
+    """metrics.jsonl's train and eval rows (dicts), in file order; other lines (a killed run leaves one) dropped."""
+    needs = {"train": ("iter", "loss"), "eval": ("iter", "tokens", "val_loss")}  # the numbers its readers use
+    lines, rows = [line for line in open(path) if line.strip()], []
+    for line in lines:
+        try:
+            row = json.loads(line)
+            if all(isinstance(row[k], (int, float)) for k in needs[row["kind"]]):
+                rows.append(row)
+        except (ValueError, KeyError, TypeError):
+            pass
+    if len(rows) < len(lines):
+        print(f"note: {path}: {len(lines) - len(rows)} unreadable line(s) dropped (a run killed mid-write leaves one)")
+    return rows
+
+
 def plot_losses(metrics_path, png_path):
     """out_dir/loss.png: training and validation loss by step, and beside it fact recall where the data has probes."""
     import matplotlib  # imported here: only a run that plots needs it (and it is slow to import)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in open(metrics_path)]
+    rows = read_metrics(metrics_path)
     tr = [(r["iter"], r["loss"]) for r in rows if r["kind"] == "train"]
     ev = [(r["iter"], r["val_loss"]) for r in rows if r["kind"] == "eval"]
     rec = [(r["iter"], r["recall"]) for r in rows if r["kind"] == "eval" and "recall" in r]
@@ -356,11 +371,9 @@ def plot_losses(metrics_path, png_path):
 
 
 def print_accounting(model, counts=None, flops=None, tc=None, tokens_per_step=None, table_bytes=None):
-    """Parameters and FLOPs per token; with a TrainConfig, also the run's total compute and the device memory
-    its weights and optimizer states take: estimates, except table_bytes (offload.device_bytes: what each
-    placement of lazy tables allocates on the device)."""
-    c = counts or model.param_counts()
-    flops = flops or model.flops_per_token()
+    """Parameters and FLOPs per token; with a TrainConfig, the run's total compute and the device memory of its weights
+    and optimizer states: estimates, except table_bytes (offload.device_bytes: what each table placement allocates)."""
+    c, flops = counts or model.param_counts(), flops or model.flops_per_token()
     kind = "STEM" if model.cfg.ffn in ("stem", "swiglu") else f"{model.cfg.ffn} (ablation)"
     print(f"{kind} layers: {model.ffn_layers or 'none'} of {model.cfg.n_layer}")
     print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in c.items()))
@@ -400,20 +413,8 @@ def clock(seconds):
 
 
 def truncate_jsonl(path, last_iter):
-    """Keep the rows of a metrics file up to last_iter (a resumed run rewrites what came after).
-    Every line is read before anything is written, and the file is replaced atomically; a line that
-    does not parse (a process killed mid-append) is dropped with a note."""
-    old = open(path).readlines() if (last_iter and os.path.exists(path)) else []
-    keep, bad = [], 0
-    for line in old:
-        try:
-            row = json.loads(line)
-            if row["iter"] <= last_iter:
-                keep.append(line if line.endswith("\n") else line + "\n")
-        except (ValueError, KeyError, TypeError):
-            bad += 1
-    if bad:
-        print(f"note: {path}: {bad} unreadable line(s) dropped (a run killed mid-write leaves one)")
+    """Keep the rows of a metrics file up to last_iter (a resumed run rewrites what came after), atomically."""
+    keep = [r for r in read_metrics(path) if r["iter"] <= last_iter] if last_iter and os.path.exists(path) else []
     with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
+        f.writelines(json.dumps(r) + "\n" for r in keep)
     os.replace(path + ".tmp", path)

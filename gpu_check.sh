@@ -8,7 +8,7 @@
 # 2. bench.py --mode offload at the GPT-2-small shape: host rates against their floor, pinned copy rates,
 #    the step model's prediction, and the MEASURED offloaded vs resident-lazy training tokens/s, GPU
 #    memory saved and MFU (12 layers, d 768, GPT-2 vocabulary, STEM in 1/3 of layers; 4 micro-batches a step)
-# 3. bench.py --mode decode: prefill and decode tokens/s, resident vs offloaded with the row cache
+# 3. bench.py --mode decode: generation tokens/s, resident vs offloaded, and the row cache's hit rate
 # 4. 20 compiled training steps offloaded beside 20 resident lazy ones (same data and seed), losses compared
 # Each section ends in PASS, FAIL (exit code N) or TIMED OUT; the report ends with one line per section,
 # and the script exits 1 unless every section passed.
@@ -121,7 +121,7 @@ EOF
     $PY bench.py --mode offload --data_dir="$data" --grad_accum=4 --steps=3 --burn_in=1 --repeats=1 \
     --plot_dir="$TMP/plots"
 
-  section "prefill and decode, resident vs offloaded with the row cache" "${LIMITS[2]}" \
+  section "decode: generation tok/s, resident vs offloaded, the row cache's hit rate" "${LIMITS[2]}" \
     $PY bench.py --mode decode --data_dir="$data" --n_layer=12 --n_head=12 --n_embd=768 --ffn_hidden=2048 \
     --block_size=1024 --stem_layers=third --batch_size=8 --decode_tokens=64 --cache_sizes=256,1024,4096 --steps=3 \
     --plot_dir="$TMP/plots"

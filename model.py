@@ -105,7 +105,7 @@ class STEM(nn.Module):
 
     def forward(self, x, ids, table=None):
         # ids: (B, T) indices into the table, by default the token ids; table: another table to look up in, e.g.
-        # the step's unique rows (tables.py, offload.py: ids then index into them). The row is used raw (no norm,
+        # a batch's unique rows (offload.py: a micro-batch's; tables.py, lazy: a step's). The row is used raw (no norm,
         # scale or bias), in g's dtype (bf16 under autocast, where x, RMSNorm's output, is float32), as SwiGLU's
         u, g = F.embedding(ids, self.table if table is None else table), F.silu(self.gate(x))  # (B, T, ffn) each
         return self.down(g * u.to(g.dtype))
@@ -276,7 +276,7 @@ class GPT(nn.Module):
         # idx: (B, T) token ids. stem_ids: the ids the STEM tables are indexed with (default idx):
         # knowledge editing keeps the text and changes only these. stem_tables: optional list, one
         # (rows, ffn_hidden) tensor per STEM layer, looked up instead of the layer's own table, with
-        # stem_ids indexing into it (tables.py, offload.py: the step's unique rows).
+        # stem_ids indexing into it (unique rows: offload.py a micro-batch's, tables.py's lazy optimizer a step's).
         B, T = idx.shape
         assert pos + T <= self.cfg.block_size, f"sequence length {pos + T} > block_size {self.cfg.block_size}"
         ids = idx if stem_ids is None else stem_ids

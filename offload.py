@@ -37,7 +37,7 @@ gather and copy, which overlap the backbone's AdamW (bench.py times such steps).
     at step()      | (last grads) | norm | AdamW rows of next micro 0 | gather | AdamW rows of next micro 1 | ...
 
 The worker runs its tasks in order, so every host read follows the writes it depends on; a failed task is raised by the
-host's next wait (for a micro-batch's rows, in step(), drain()). One pinned block (grown to the largest micro-batch
+host's next wait (for a micro-batch's rows, in step(), sync()). One pinned block (grown to the largest micro-batch
 seen, rounded up to the allocator's power of two) holds two planes for rows and two for gradients; micro-batch j of a
 step uses planes j % 2. The worker refills a row plane after the copy out of it (waiting on its event, made blocking: it
 sleeps rather than spins), a gradient plane after the add that read it (normally long done). Gradient planes of their
@@ -64,23 +64,21 @@ from typing import Any, Optional
 import torch
 
 from configurator import require
-from model import parse_stem_layers
-from tables import RowAdamW, Tables, _single_thread, joint_norm, mark_dynamic, nbytes, to_device
+from model import GPT
+from tables import RowAdamW, Tables, _single_thread, capacity, joint_norm, mark_dynamic, nbytes, to_device
 
 
 def device_bytes(cfg, batch_size, block_size=None, grad_accum=1, unique_per_micro=None, unique_per_step=None):
-    """Bytes the STEM tables hold on a CUDA device during training, predicted without allocating, for the
-    resident lazy placement (tables, moments, RowAdamW's gather block, the step's leaves and their gradients)
-    and for offload (three micro-batches of leaves, or two and one of gradients). unique_per_micro and
-    unique_per_step (the ids a micro-batch and a step look up) default to their bounds: min(vocab, tokens).
-    Ids and inverse indices are not counted (both placements hold the same)."""
+    """Bytes the STEM tables hold on a CUDA device in training, predicted without allocating: resident lazy (tables,
+    moments, RowAdamW's gather block, the step's leaves and their gradients) and offload (three micro-batches of leaves,
+    or two and one of gradients). unique_per_micro and unique_per_step (the ids a micro-batch and a step look up)
+    default to their bounds: min(vocab, tokens). Not counted: ids and inverse indices, the same in both."""
     T = block_size or cfg.block_size
-    layers = parse_stem_layers(cfg.stem_layers, cfg.n_layer, cfg.ffn)
-    W = cfg.ffn_hidden * (len(layers) if cfg.ffn in ("stem", "stem_gate", "stem_add") else 0)
+    with torch.device("meta"):  # no memory: the layers with a table, as the model finds them (GPT.stem_layers)
+        W = cfg.ffn_hidden * len(GPT(cfg).stem_layers)
     k = unique_per_micro or min(cfg.vocab_size, batch_size * T)
     K = unique_per_step or min(cfg.vocab_size, batch_size * T * grad_accum)
-    block = K + K // 4 + 16  # RowAdamW's block capacity (it gathers on CUDA)
-    return dict(resident_lazy=4 * W * (3 * cfg.vocab_size + 2 * K + 3 * block), offload=4 * W * 3 * k)
+    return dict(resident_lazy=4 * W * (3 * cfg.vocab_size + 2 * K + 3 * capacity(K)), offload=4 * W * 3 * k)
 
 
 @dataclass
@@ -175,8 +173,8 @@ class OffloadedTables(Tables):
             cap = (1 << (rows * row_bytes - 1).bit_length()) // row_bytes
             self.stage = torch.empty(4, self.n, cap, self.h, pin_memory=True)
         if acc is not None and (self.acc[acc] is None or self.acc[acc].size(0) < len(uniq)):
-            self.drain()  # the update reading the old buffer is done
-            self.acc[acc] = torch.empty(len(uniq) + len(uniq) // 4 + 16, self.W)
+            self.sync()  # the update reading the old buffer is done
+            self.acc[acc] = torch.empty(capacity(len(uniq)), self.W)
             self.acc_rows[acc] = () if self.opt.gather else self.acc[acc].unbind(0)  # made once
         return job
 
@@ -342,14 +340,12 @@ class OffloadedTables(Tables):
         while prev is not None and prev.groups and (j is None or prev.groups[0][0] <= j):
             self._submit(*prev.groups.pop(0)[1])
 
-    def drain(self):
-        """Every update queued and done, and the device's queued work: a barrier for timing (bench.py)."""
+    def sync(self):
+        """Every update done (the host table is current) and the device's queued work: before saving, for timing."""
         self._flush()
         self._wait(self._submit(lambda: None))  # re-raises any failed host task
         if self.cuda:
             torch.cuda.synchronize(self.device)
-
-    sync = drain  # the host table is current once every update has run: no row lives on the device
 
     # ---- plain lookups (evaluation) and generation ------------------------------------------
 

@@ -513,6 +513,8 @@ def prepare(dataset="facts", input=None, tokenizer=None, out_dir=None, seed=1337
     # 1. what the data is made from, checked before anything is read or written
     inputs = [input] if isinstance(input, str) else list(input or [])
     files = num = None
+    if not 0 < val_fraction < 1:  # every dataset: a value out of range is a mistake even where it is not used
+        raise UserError(f"--val_fraction {val_fraction} must be between 0 and 1, e.g. 0.1")
     if dataset == "facts":
         if inputs:
             raise UserError("--input is not used by --dataset facts (the facts are generated); drop it")
@@ -523,8 +525,6 @@ def prepare(dataset="facts", input=None, tokenizer=None, out_dir=None, seed=1337
     elif dataset in ("shakespeare", "text"):
         if entities is not None:
             raise UserError("--entities only applies to --dataset facts; drop it")
-        if not 0 < val_fraction < 1:
-            raise UserError(f"--val_fraction {val_fraction} must be between 0 and 1, e.g. 0.1")
         tokenizer = tokenizer or "bpe:8192"
         if inputs:
             files = _input_files(inputs)
@@ -658,7 +658,7 @@ class PrepareConfig:
     out_dir: Optional[str] = None  # default data/<name>
     seed: int = 1337  # facts: the world's seed
     entities: Optional[int] = None  # facts: number of countries (default 100)
-    val_fraction: float = 0.1  # every 1/val_fraction-th document is validation (one document: its last part)
+    val_fraction: float = 0.1  # not facts: every 1/val_fraction-th document is validation (one document: its last part)
     force: bool = False  # replace out_dir even if it holds data made from other inputs
 
 

@@ -19,7 +19,6 @@ comes from --data_dir (default: the data the checkpoint was trained on); one who
 checkpoint's record is refused.
 """
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -28,8 +27,8 @@ from typing import Optional
 import torch
 
 import offload
-from common import (check_provenance, edit_probes, fact_recall, load_checkpoint, load_meta, model_from_checkpoint,
-                    resolve_device)
+from common import (check_provenance, edit_probes, fact_recall, load_checkpoint, load_facts, load_meta,
+                    model_from_checkpoint, resolve_device)
 from configurator import UserError, die, parse_config, require
 from tokenizer import load_tokenizer
 
@@ -93,7 +92,8 @@ def read_prompt(start):
         return start
     path = start[5:]
     if not os.path.isfile(path):
-        raise UserError(f"--start=FILE:{path}: no such file")
+        raise UserError(f"--start=FILE:{path}: " + ("is a folder: name a text file in it" if os.path.isdir(path) else
+                                                     "no such file"))
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
@@ -177,10 +177,7 @@ def main(argv=None):
     print(f"{note}; checkpoint {ckpt_path} (step {ckpt['iter']}, STEM layers {model.stem_layers or 'none'})")
 
     if sc.eval_facts:
-        facts_path = os.path.join(data_dir, "facts.json")
-        require(os.path.isfile(facts_path),
-                f"{data_dir} is not a facts dataset (no facts.json): --eval_facts needs one")
-        facts = json.load(open(facts_path))
+        facts = load_facts(data_dir, "--eval_facts needs one")
         tests = [("fact recall", facts["probes"], "probes (")]
         if model.stem_layers:  # swap A's rows for B's: how often does the answer become B's?
             tests.append(("edit success", edit_probes(facts, enc), "edited probes (100 random entity pairs; "))

@@ -3,12 +3,11 @@ The STEM tables and their optimizer, behind one interface, wherever the tables l
 
     tables = ResidentTables(model, device, optimizer="lazy")   # or offload.OffloadedTables(model, device)
     tables.prefetch(xs)       # the ids of the next step's micro-batches: known before its forward pass
-    batches = tables.rows()   # per micro-batch (stem_ids, stem_tables) for GPT.forward: the inverse index
-                              # and the step's unique rows per layer, or (None, None): a plain lookup
+    batches = tables.rows()   # per micro-batch (stem_ids, stem_tables) for GPT.forward: the inverse index and unique
+                              # rows per layer (offload: the micro-batch's; resident lazy: the step's), or (None, None)
     ... forward and backward of each micro-batch ...
     tables.step(lr, max_norm) # clip the tables' gradient by its own norm (authors' code), AdamW on them
-    tables.sync()             # before evaluating or saving: every queued update has landed
-    tables.drain()            # a barrier for timing: queued work done, nothing copied back
+    tables.sync()             # before evaluating or saving, and for timing: every queued update has landed
 
 Both placements place the model on the device themselves (offload must take the tables out first) and write
 checkpoints with the same keys, so a run can switch placement on resume.
@@ -76,6 +75,10 @@ def nbytes(tensors):
     return sum(t.untyped_storage().nbytes() for t in tensors if t is not None)  # 0 once offload freed a leaf
 
 
+def capacity(K):
+    return K + K // 4 + 16  # rows of a buffer grown for K: room for larger steps, so that it is rarely reallocated
+
+
 def _single_thread():
     torch.set_num_threads(1)  # per thread: the main thread keeps its own intra-op threads
 
@@ -110,7 +113,7 @@ class RowAdamW:
         if self.gather:
             ids, K = ids.to(self.p.device), len(ids)
             if self.block is None or self.block.size(1) < K:
-                self.block = torch.empty(3, K + K // 4 + 16, self.p.size(1), device=self.p.device)
+                self.block = torch.empty(3, capacity(K), self.p.size(1), device=self.p.device)
             block = self.block[:, :K].unbind(0)  # each (K, W), contiguous
             for t, rows in zip((self.p, self.m, self.v), block):
                 torch.index_select(t, 0, ids, out=rows)
@@ -243,10 +246,8 @@ class ResidentTables(Tables):
             opt.update(uniq, g, self.steps, lr, **self.hyper)
         return norm
 
-    def sync(self):  # resident updates run in the caller's order; drain: the timing barrier, nothing behind here
+    def sync(self):  # resident updates run in the caller's order: nothing queued behind here
         pass
-
-    drain = sync
 
     def lookup(self, ids):
         return None, None  # the model looks its rows up itself

@@ -59,21 +59,28 @@ def test_train_mode_in_child_processes(facts, capsys):
         bench.main(["--mode=train", f"--data_dir={facts}", "--variants=swiglu,stem-fast", *SMALL])
 
 
-def test_trainer_steps_take_grad_accum_micro_batches(facts, monkeypatch):
+def test_trainer_steps_as_train_py_in_its_order(facts, monkeypatch):
     bc = bench.BenchConfig(data_dir=facts, batch_size=4, grad_accum=3)
     mc = GPTConfig(n_layer=2, n_head=2, n_embd=32, ffn_hidden=64, block_size=32, vocab_size=8)
-    step, drain, flops = bench.trainer("stem-lazy", bc, mc, "cpu", nullcontext())
-    draws, forwards, real_get, real_forward = [], [], bench.Batches.get, GPT.forward
-    monkeypatch.setattr(bench.Batches, "get", lambda self, *a, **k: draws.append(1) or real_get(self, *a, **k))
+    step, sync, flops = bench.trainer("stem-lazy", bc, mc, "cpu", nullcontext())
+    events, forwards = [], []
 
-    def counted_forward(self, x, *a, **k):
-        forwards.append(x.shape)
-        return real_forward(self, x, *a, **k)
-    monkeypatch.setattr(GPT, "forward", counted_forward)
+    def log(obj, name, event):  # obj.name, recording event before each call
+        real = getattr(obj, name)
+        monkeypatch.setattr(obj, name, lambda *a, **k: events.append(event) or real(*a, **k))
+    for obj, name, event in ((bench.Batches, "get", "draw"), (torch.Tensor, "backward", "bwd"),
+                             (bench.ResidentTables, "step", "tables"), (torch.nn.utils, "clip_grad_norm_", "clip"),
+                             (torch.optim.AdamW, "step", "adamw")):
+        log(obj, name, event)
+    real_forward = GPT.forward
+    monkeypatch.setattr(GPT, "forward", lambda self, x, *a, **k: forwards.append(x.shape) or events.append("fwd")
+                        or real_forward(self, x, *a, **k))
     step()
-    drain()
-    # one step: 3 forward passes of (4, 32) windows, and the next step's 3 micro-batches drawn ahead
-    assert forwards == [(4, 32)] * 3 and len(draws) == 3 and flops > 0
+    sync()
+    # train.py's loop: the next step's 3 micro-batches drawn after micro-batch 0's backward; the tables' clip and
+    # update before the backbone's
+    assert events == ["fwd", "bwd", "draw", "draw", "draw", "fwd", "bwd", "fwd", "bwd", "tables", "clip", "adamw"]
+    assert forwards == [(4, 32)] * 3 and flops > 0
 
 
 def test_run_variants_takes_medians_of_the_children(monkeypatch):
@@ -200,7 +207,7 @@ def test_offload_default_is_the_gpt2_small_preset_with_its_device_bytes(facts, c
     assert res["ids"]["source"].startswith("the web-text estimate") and res["ids"]["used_K"] == 30_000
     want = offload.device_bytes(cfg, 16, grad_accum=32, unique_per_micro=5_000, unique_per_step=30_000)
     assert res["device_bytes"] == want and set(want) == {"resident_lazy", "offload"}
-    assert f"({want['offload'] / want['resident_lazy']:.1%})" in out and "target: offload <= 25%" in out
+    assert f"({want['offload'] / want['resident_lazy']:.1%})" in out and "(offload / resident)" in out
 
 
 def test_offload_measured_run_takes_gpu_checks_shorter_step(facts, capsys, monkeypatch):
@@ -240,7 +247,8 @@ def test_offload_measured_run_takes_gpu_checks_shorter_step(facts, capsys, monke
 
 @pytest.mark.parametrize("args", [["--mode=decode", "--ffn=swiglu"], ["--mode=decode", "--block_size=2"],
                                   ["--mode=offload", "--shape=model", "--ffn=swiglu"],
-                                  ["--mode=train", "--ffn=swiglu", "--variants=stem-lazy"]])
+                                  ["--mode=train", "--ffn=swiglu", "--variants=stem-lazy"], ["--child=fast"],
+                                  ["--mode=decode", "--ckpt=nope"]])
 def test_refusals_come_before_the_default_data_is_made(args):
     with pytest.raises(UserError):
         bench.main(["--device=cpu", *args])
@@ -252,7 +260,9 @@ def test_bench_bad_arguments(tmp_path):
     for args, needle in ((["--mode=fast"], "mode='fast' is not one of"), (["--steps=many"], "--steps=many is not"),
                          (["--mode=train", f"--data_dir={tmp_path}/none"], "no prepared data"),
                          (["--mode=ffn", "--shapes=12x"], "shapes"), (["--grad_accum=0"], "grad_accum=0"),
-                         (["--mode=offload", "--shape=gpt3"], "shape='gpt3' is not one of")):
+                         (["--mode=offload", "--shape=gpt3"], "shape='gpt3' is not one of"),
+                         (["--child=fast"], "child='fast' is internal"),
+                         (["--mode=decode", f"--ckpt={tmp_path}"], r"no checkpoint at .* \(a ckpt.pt or its folder\)")):
         with pytest.raises(UserError, match=needle):
             bench.main(["--device=cpu", *args])
 

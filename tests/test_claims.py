@@ -157,19 +157,21 @@ def test_curves_mode_on_hand_written_metrics(tmp_path, capsys, monkeypatch):
         return dict(kind="eval", iter=it, tokens=tok, train_loss=9.0, val_loss=vl, **kw)
     write_jsonl(f"{a}/metrics.jsonl", [ev(0, 0, 5.0, recall=0.1), dict(kind="train", iter=1, loss=5.0),
                                        ev(20, 1280, 4.1, recall=0.5), ev(10, 640, 3.9, recall=0.3)])  # out of order
-    write_jsonl(f"{b}/metrics.jsonl", [ev(0, 0, 5.1, recall=0.1), ev(10, 1280, 4.2, recall=0.2)])  # 2x the batch
+    write_jsonl(f"{b}/metrics.jsonl", [ev(0, 0, 5.1, recall=0.1), [1, 2], {"iter": 5}, dict(kind="eval", tokens=9),
+                                       "text", None, ev(10, 1280, 4.2, recall=0.2)])  # 2x the batch; 5 lines not rows
     write_jsonl(f"{c}/metrics.jsonl", [ev(10, 640, 4.4)])  # not facts data: no recall
     drawn = {}
     monkeypatch.setattr(claims, "plot", lambda path, x, y, series, **kw: drawn.__setitem__(os.path.basename(path),
                                                                                           series))
     res, out = claims_json(capsys, "--mode=curves", f"--runs={a},{b},{c}", f"--plot_dir={tmp_path / 'plots'}")
+    assert f"note: {b}/metrics.jsonl: 5 unreadable line(s) dropped" in out
     assert res["curves"][a] == [dict(iter=0, tokens=0, val_loss=5.0, recall=0.1),
                                 dict(iter=10, tokens=640, val_loss=3.9, recall=0.3),
                                 dict(iter=20, tokens=1280, val_loss=4.1, recall=0.5)]
     assert res["curves"][c] == [dict(iter=10, tokens=640, val_loss=4.4)]
     assert res["final"][a] == dict(iter=20, tokens=1280, val_loss=4.1, recall=0.5, best_val_loss=3.9)
     assert res["final"][b]["best_val_loss"] == 4.2
-    table = [[v.strip() for v in line.split("|")] for line in out.splitlines()[1:6]]
+    table = [[v.strip() for v in line.split("|")] for line in out.splitlines()[2:7]]  # after the header and the note
     assert table[0] == ["step", "tokens", f"val {a}", f"val {b}", f"val {c}", f"recall {a}", f"recall {b}"]
     assert table[2] == ["0", "0", "5.0000", "5.1000", "-", "0.100", "0.100"]
     assert table[3] == ["10", "640 / 1,280", "3.9000", "4.2000", "4.4000", "0.300", "0.200"]
@@ -186,7 +188,7 @@ def test_curves_mode_on_hand_written_metrics(tmp_path, capsys, monkeypatch):
             claims.main(["--mode=curves", f"--runs={runs}", f"--plot_dir={tmp_path}"])
 
 
-def test_quality_mode_groups_seeds(stem_run, swiglu_run, tmp_path, capsys):
+def test_quality_mode_groups_seeds(stem_run, swiglu_run, facts, tmp_path, capsys):
     runs = tmp_path / "runs"
     for name, src in (("facts-swiglu-s1", swiglu_run), ("facts-swiglu-s2", swiglu_run), ("facts-stem-s1", stem_run)):
         shutil.copytree(src, runs / name)
@@ -195,8 +197,10 @@ def test_quality_mode_groups_seeds(stem_run, swiglu_run, tmp_path, capsys):
     write_jsonl(str(runs / "facts-swiglu-s2" / "metrics.jsonl"), rows)
     write_jsonl(str(runs / "facts-stem-s2" / "metrics.jsonl"), [])  # interrupted before its first checkpoint
     (runs / "notes").mkdir()
+    _train_inproc(f"--data_dir={facts}", f"--out_dir={runs / 'facts-stem-s3'}", "--max_iters=0", *TINY)
     res, out = claims_json(capsys, "--mode=quality", f"--runs_dir={runs}", f"--plot_dir={tmp_path / 'plots'}")
     assert "# skipping facts-stem-s2: unfinished (no checkpoint yet)" in out
+    assert "# skipping facts-stem-s3: trained 0 steps" in out
     q = {r["arch"]: r for r in res["quality"]}
     assert set(q) == {"swiglu", "stem"} and (q["swiglu"]["seeds"], q["stem"]["seeds"]) == (2, 1)
     ev = [json.loads(line) for line in open(os.path.join(swiglu_run, "metrics.jsonl"))]
@@ -236,10 +240,12 @@ def test_stability_mode_on_hand_made_runs(tmp_path, capsys):
     fake_run(d / "moe-s2", "hash_moe", 1e-3, 2, flat[:4] + [5.5] + flat[5:])  # step 5: 0.5 above, not more
     fake_run(d / "stem-s1", "stem", 3e-3, 1, flat[:6] + [float("nan"), 5.0])  # diverged at step 7
     fake_run(d / "stem-s2", "stem", 3e-3, 2, flat, done=False)  # unfinished: skipped
+    fake_run(d / "stem-s3", "stem", 3e-3, 3, [])  # 0 steps (train.py --max_iters=0): skipped
     res, out = claims_json(capsys, "--mode=stability", f"--runs_dir={d}", "--spike_window=3",
                            f"--plot_dir={tmp_path / 'plots'}")
     st = res["stability"]
     assert "# skipping stem-s2: unfinished (1 of 8 steps)" in out and st["window"] == 3 and st["margin"] == 0.5
+    assert "# skipping stem-s3: trained 0 steps" in out
     s = {(r["ffn"], r["learning_rate"]): r for r in st["summary"]}
     assert list(s) == [("hash_moe", 1e-3), ("swiglu", 1e-3), ("stem", 3e-3)]
     assert s[("hash_moe", 1e-3)]["spikes_per_seed"] == [1, 0] and s[("hash_moe", 1e-3)]["spikes_mean"] == 0.5
@@ -361,6 +367,26 @@ def test_locality_mode(deep_stem, stem_run, tmp_path, capsys):
     # 2 layers, the table in the last: an edit cannot reach another position
     res, text = claims_json(capsys, "--mode=locality", f"--ckpt={stem_run}", "--device=cpu", "--locality_pairs=4")
     assert res["locality"]["unchanged"] == 1.0 and "by construction" in text
+
+
+def test_a_damaged_facts_json_is_one_line(stem_run, facts, tmp_path):
+    """locality and quality read facts.json of the data a run was trained on: damaged, it is one error line."""
+    data, run = tmp_path / "data", tmp_path / "runs" / "facts-stem-s1"
+    shutil.copytree(facts, data)
+    shutil.copytree(stem_run, run)
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    ckpt["config"]["train"]["data_dir"] = str(data)  # the same data (fingerprint), in a folder damaged below
+    torch.save(ckpt, run / "ckpt.pt")
+    for text in ('{"probes": [', '{"probes": [{"prompt": "x"}], "chance": {}}', '"probes"'):
+        (data / "facts.json").write_text(text)
+        for args in (["--mode=locality", f"--ckpt={run}"], ["--mode=quality", f"--runs_dir={run.parent}"]):
+            with pytest.raises(UserError, match=f"{data} is damaged .*facts.json"):
+                claims.main(args + ["--device=cpu", f"--plot_dir={tmp_path / 'plots'}"])
+    os.remove(data / "facts.json")
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps(dict(meta, dataset="text")))  # data of another kind
+    with pytest.raises(UserError, match="is not a facts dataset .*--mode locality needs one"):
+        claims.main(["--mode=locality", f"--ckpt={run}", "--device=cpu", f"--plot_dir={tmp_path / 'plots'}"])
 
 
 def test_claim_modes_bad_arguments(stem_run, swiglu_run, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ["CUDA tests", "offload at the GPT-2-small shape", "prefill and decode", "compiled training"]
+SECTIONS = ["CUDA tests", "offload at the GPT-2-small shape", "decode: generation tok/s", "compiled training"]
 
 
 def gpu_check(tmp_path, python, limits=None):

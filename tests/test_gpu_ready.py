@@ -90,7 +90,7 @@ def test_offload_keeps_at_most_three_micro_batches_of_leaves_alive(monkeypatch):
     monkeypatch.setattr(eng, "_load", traced)
 
     def count():
-        eng.drain()  # every queued gather has run
+        eng.sync()  # every queued gather has run
         if sum(r() is not None for r in made) > 3 * eng.n:
             gc.collect()  # only what references keep alive counts (slow: only where it matters)
         alive.append(sum(r() is not None for r in made) / eng.n)

@@ -6,13 +6,12 @@ import os
 import pytest
 import torch
 
-from conftest import tiny_config
-from model import GPT, configure_optimizer
+from conftest import TINY, _losses, _train_inproc, assert_user_error, run, tiny_config
+from model import FFNS, GPT, configure_optimizer
 from configurator import UserError
-from offload import OffloadedTables
+from offload import OffloadedTables, device_bytes
 import tables
 from tables import ResidentTables
-from conftest import TINY, _losses, _train_inproc, assert_user_error, run  # noqa: F401
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -255,6 +254,14 @@ def test_cache_smaller_than_one_step_is_an_error():
 def test_offload_refuses_swiglu():
     with pytest.raises(UserError, match="STEM tables"):
         OffloadedTables(GPT(tiny_config(ffn="swiglu")), "cpu")
+
+
+def test_device_bytes_counts_the_layers_that_hold_a_table():
+    for ffn in FFNS:  # a table in each of cfg.ffn's layers (all but 0, in tiny_config) for the STEM variants only
+        cfg = tiny_config(ffn=ffn)
+        n = sum(k.endswith("ffn.table") for k in GPT(cfg).state_dict())
+        assert n == (3 if ffn in ("stem", "stem_gate", "stem_add") else 0)
+        assert device_bytes(cfg, 2, unique_per_micro=7, unique_per_step=9)["offload"] == 4 * 24 * n * 3 * 7
 
 
 def _ckpt(out):

@@ -93,6 +93,7 @@ def test_input_is_repeatable(tmp_path):
     (["--entities=0"], ["--entities 0 is out of range", "1 to 5000"]),
     (["--entities=6000"], ["out of range"]),
     (["--dataset=text", "--input=SRC", "--val_fraction=1.5"], ["--val_fraction 1.5", "between 0 and 1"]),
+    (["--val_fraction=1.5"], ["--val_fraction 1.5", "between 0 and 1"]),  # facts too, though it draws its own split
     (["--dataset=text", "--input=SRC", "--entities=8"], ["--entities only applies to --dataset facts"]),
     (["--out_dir="], ["--out_dir is empty"]),
     (["--tokenizer="], ["--tokenizer is empty"]),

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, assert_user_error, run, run_inproc
+from configurator import UserError
 
 
 def snapshot(folder):
@@ -172,7 +173,8 @@ def test_divergence_keeps_the_last_good_checkpoint(facts, tmp_path, capsys, monk
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 4
 
 
-@pytest.mark.parametrize("damage", ["meta_not_json", "meta_no_vocab", "bin_cut_short", "no_facts", "no_tokenizer"])
+@pytest.mark.parametrize("damage", ["meta_not_json", "meta_no_vocab", "bin_cut_short", "no_facts", "facts_no_chance",
+                                    "no_tokenizer"])
 def test_a_damaged_data_folder_is_one_line(facts, tmp_path, capsys, damage):
     d = tmp_path / "data"
     shutil.copytree(facts, d)
@@ -185,6 +187,9 @@ def test_a_damaged_data_folder_is_one_line(facts, tmp_path, capsys, damage):
     elif damage == "bin_cut_short":
         with open(d / "train.bin", "ab") as f:
             f.write(b"x")  # an odd byte count: not whole uint16 ids
+    elif damage == "facts_no_chance":
+        facts = json.loads((d / "facts.json").read_text())
+        (d / "facts.json").write_text(json.dumps(dict(facts, chance={})))
     else:
         os.remove(d / ("facts.json" if damage == "no_facts" else "tokenizer.tiktoken"))
     code, _, err = train_main(capsys, f"--data_dir={d}", f"--out_dir={tmp_path / 'run'}", *TINY)
@@ -262,6 +267,32 @@ def test_missing_preset_data_names_a_command_that_works(tmp_path):
     assert hint.startswith("python prepare_data.py ") and "--entities=400" in hint
     run_inproc(*shlex.split(hint)[1:])  # the hinted command itself succeeds
     assert json.load(open(os.path.join(d, "meta.json")))["dataset"] == "facts"
+
+
+def test_missing_facts_data_elsewhere_names_its_folder(tmp_path):
+    """prepare_data.py's default out_dir is data/facts: the hint for another folder named facts must name it."""
+    from common import load_meta
+    with pytest.raises(UserError, match=r"run `python prepare_data.py` first"):
+        load_meta(os.path.join("data", "facts"))  # the default (the test's working folder is a temporary one)
+    d = str(tmp_path / "mine" / "facts")
+    with pytest.raises(UserError) as e:
+        load_meta(d)
+    hint = str(e.value).split("`")[1]
+    assert hint == f"python prepare_data.py --out_dir={d}"
+    run_inproc(*shlex.split(hint)[1:], "--entities=12")  # the hinted command prepares that folder
+    assert load_meta(d)["dataset"] == "facts"
+
+
+def test_read_metrics_drops_what_is_not_a_row(tmp_path, capsys):
+    """One reader for metrics.jsonl (resume, plot, claims.py): rows kept in order, everything else counted."""
+    from common import read_metrics
+    rows = [dict(kind="train", iter=1, loss=5.0), dict(kind="eval", iter=1, tokens=64, val_loss=4.5, recall=0.1)]
+    bad = ["[1, 2]", "null", '"text"', '{"iter": 2}', '{"kind": "train", "loss": 1}', '{"kind": "eval", "iter": 2}',
+           '{"kind": "train", "iter": 2, "loss": "x"}', '{"kind": "x", "iter": 2}', "garbage", '{"kind": "tr']
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join([json.dumps(rows[0])] + bad[:5] + ["", json.dumps(rows[1])] + bad[5:]))
+    assert read_metrics(str(path)) == rows
+    assert f"note: {path}: {len(bad)} unreadable line(s) dropped" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("script,args,needle", [("train.py", ["--bogus=1"], "unknown config key 'bogus'"),

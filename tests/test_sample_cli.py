@@ -54,6 +54,8 @@ def test_start_file_not_utf8(trained, tmp_path):
     assert_user_error(run_inproc("sample.py", f"--out_dir={out}", f"--start=FILE:{bad}", ok=False), "is not UTF-8",
                       str(bad))
     assert_user_error(run_inproc("sample.py", f"--out_dir={out}", f"--start=FILE:{tmp_path}", ok=False),
+                      "is a folder")
+    assert_user_error(run_inproc("sample.py", f"--out_dir={out}", f"--start=FILE:{tmp_path}/none", ok=False),
                       "no such file")
 
 
@@ -134,3 +136,21 @@ def test_tokenizer_prepared_again_is_refused(trained, facts, tmp_path):
 def test_out_dir_that_names_the_checkpoint_file(trained):
     out, _ = trained
     assert_user_error(run_inproc("sample.py", f"--out_dir={out}/ckpt.pt", ok=False), "is a file", f"--out_dir={out}")
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("{", "is damaged"), ('{"probes": 5, "chance": {"capital": 0.1}}', "is damaged"),
+    ('[1]', "is damaged"), ('{"probes": [{"prompt": "x"}], "chance": {"a": 1}}', "is damaged"),
+    (None, "is damaged"), ("text", "is not a facts dataset")])
+def test_eval_facts_on_a_damaged_or_other_data_folder(trained, facts, tmp_path, damage, needle):
+    out, _ = trained
+    d = tmp_path / "data"
+    shutil.copytree(facts, d)  # the same tokenizer: only facts.json is in question
+    os.remove(d / "facts.json")
+    if damage == "text":  # data of another kind: no facts.json, and meta.json says so
+        meta = json.loads((d / "meta.json").read_text())
+        (d / "meta.json").write_text(json.dumps(dict(meta, dataset="text")))
+    elif damage is not None:
+        (d / "facts.json").write_text(damage)
+    p = run_inproc("sample.py", f"--out_dir={out}", f"--data_dir={d}", "--eval_facts", "--device=cpu", ok=False)
+    assert_user_error(p, needle, str(d))
