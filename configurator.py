@@ -71,7 +71,7 @@ def config_help(*configs):
                 comments[name] = rest.split("#", 1)[1].strip()
         lines.append(f"{type(c).__name__}:")
         for f in dataclasses.fields(c):
-            typ = getattr(f.type, "__name__", str(f.type).replace("typing.", ""))
+            typ = f.type.__name__ if isinstance(f.type, type) else str(f.type).replace("typing.", "")
             key = f"  --{f.name}={getattr(c, f.name)!r}".ljust(34)
             lines.append(f"{key} ({typ}) {comments.get(f.name, '')}".rstrip())
     return "\n".join(lines)
