@@ -487,8 +487,7 @@ def main(argv):
         return
     print(f"# nanoSTEM bench --mode {bc.mode} | {note} | torch {torch.__version__} | {time.strftime('%Y-%m-%d')}")
     if bc.mode != "ffn" and not (bc.mode == "decode" and bc.ckpt):  # decode --ckpt: the checkpoint's data
-        if bc.data_dir == BenchConfig.data_dir and not os.path.isfile(os.path.join(bc.data_dir, "meta.json")):
-            prepare_facts(bc.data_dir, progress=False)  # the default data is made on first use, as train.py does
+        prepare_facts(bc.data_dir, BenchConfig.data_dir, progress=False)  # made on first use, as train.py does
         mc.vocab_size = load_meta(bc.data_dir)["vocab_size"]  # other data: the usual hint when it is missing
         shown = offload_shape(bc, mc)[0] if bc.mode == "offload" else mc  # offload: the shape modelled
         print("# model: " + ", ".join(f"{k}={v}" for k, v in asdict(shown).items()))

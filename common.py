@@ -88,9 +88,11 @@ def reprepare(data_dir):
     return f"prepare it again (python prepare_data.py ... --out_dir={data_dir} --force)"
 
 
-def prepare_facts(data_dir, **kw):
-    """Make the facts data on first use (train.py's and bench.py's default data), one error line if it fails."""
-    prepare_data.prepare(dataset="facts", out_dir=data_dir, **kw)
+def prepare_facts(data_dir, default, **kw):
+    """The default data (train.py's and bench.py's data/facts) is made on first use; other folders are not."""
+    if data_dir == default and not os.path.isfile(os.path.join(data_dir, "meta.json")):
+        print(f"{data_dir} not found: preparing the facts dataset (python prepare_data.py)")
+        prepare_data.prepare(dataset="facts", out_dir=data_dir, **kw)
 
 
 def load_meta(data_dir):
@@ -221,8 +223,7 @@ def check_same_architecture(saved, current, keys_set, path):
 
 
 def check_provenance(ckpt, meta, data_dir, path, key="fingerprint"):
-    """Refuse data (key="fingerprint") or a tokenizer (key="tokenizer_sha256") other than the one the
-    checkpoint was trained with. Checkpoints from before provenance was recorded pass with a note."""
+    """Refuse data (key="fingerprint") or a tokenizer ("tokenizer_sha256") other than the checkpoint's."""
     saved = ckpt.get("data")
     if not saved or saved.get(key) is None or meta.get(key) is None:
         print(f"note: {path} or {data_dir} records no {key}: the data and tokenizer cannot be checked")
@@ -270,8 +271,7 @@ class RunLock:
 
 @torch.no_grad()
 def evaluate(model, batches, eval_iters, ctx, lookup=None):
-    """Mean loss over the same eval_iters batches of each split every time (fixed generator).
-    lookup(x) -> (stem_ids, stem_tables) supplies the STEM rows when the tables live elsewhere (offload)."""
+    """Mean loss over the same eval_iters batches of each split every time; lookup(x) gives offloaded rows."""
     model.eval()
     out = {}
     for split in ("train", "val"):

@@ -128,9 +128,8 @@ def load_run(tc, mc, keys_set, ddp):
         check_config(tc, mc)
         if changed:
             print(f"note: resuming with changed training keys: {', '.join(changed)}")
-    if not os.path.isfile(os.path.join(tc.data_dir, "meta.json")) and tc.data_dir == TrainConfig.data_dir and not ddp:
-        print(f"{tc.data_dir} not found: preparing the facts dataset (python prepare_data.py)")
-        prepare_facts(tc.data_dir)
+    if not ddp:  # under DDP every rank would write it: prepare it first
+        prepare_facts(tc.data_dir, TrainConfig.data_dir)
     meta = load_meta(tc.data_dir)
     if "vocab_size" not in keys_set:
         mc.vocab_size = meta["vocab_size"]
