@@ -9,10 +9,13 @@ the STEM paper's claims checked at small scale (claims.sh runs the whole sequenc
     python claims.py --mode locality --ckpt=STEM_FACTS_RUN                    # claim 6: edits, locality, control
     python claims.py --mode context --ckpt=STEM_RUN --ckpt_swiglu=SWIGLU_RUN  # claim 7: Heaps' law, loss by position
     python claims.py --mode summary --claims_dir=runs/claims                  # claims.sh's outputs, mean ± sd
+    python claims.py --mode mc --ckpt=RUN [--ckpt_swiglu=RUN] [--mc_file=hellaswag_val.jsonl]  # multiple choice
+    python claims.py --mode needle --ckpt=RUN [--ckpt_swiglu=RUN] [--input=filler.txt]  # needle in a haystack
 
 A run is a train.py --out_dir (metrics.jsonl, ckpt.pt); spread, locality and context read a checkpoint (file or
-run folder) with the data it was trained on. Each mode prints a header, a table, and as its last line one JSON
-object holding every figure. Plots go to --plot_dir (out/claims). Not here: speed and memory (bench.py).
+run folder) with the data it was trained on; mc and needle (evals.py) take any model, and a SwiGLU twin.
+Each mode prints a header, a table, and as its last line one JSON object holding every figure. Plots go to
+--plot_dir (out/claims). Not here: speed and memory (bench.py).
 """
 
 import glob
@@ -30,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import evals
 from bench import ckpt_file, plot, table
 from common import (Batches, check_provenance, edit_probes, fact_recall, load_checkpoint, load_facts, load_meta,
                     model_from_checkpoint, read_metrics, resolve_device)
@@ -37,19 +41,19 @@ from configurator import UserError, die, parse_config, require
 from model import GPT
 from tokenizer import load_tokenizer
 
-MODES = ("curves", "quality", "stability", "spread", "locality", "context", "summary")
+MODES = ("curves", "quality", "stability", "spread", "locality", "context", "summary", "mc", "needle")
 
 
 @dataclass
 class ClaimsConfig:
-    mode: str = "curves"  # curves | quality | stability | spread | locality | context | summary
+    mode: str = "curves"  # curves | quality | stability | spread | locality | context | summary | mc | needle
     device: str = "auto"
     dtype: str = "auto"
     runs: str = ""  # curves: run folders (train.py's --out_dir), comma-separated, e.g. out,out-swiglu
     runs_dir: str = "runs"  # quality: a folder of runs named DATASET-ARCH-sSEED; stability: a folder of runs
     claims_dir: str = "runs/claims"  # summary: claims.sh's outputs, NAME.txt each ending in its JSON line
-    ckpt: str = ""  # spread, context, locality: the STEM checkpoint (a ckpt.pt or its run folder)
-    ckpt_swiglu: str = ""  # spread, context: the SwiGLU checkpoint (same data) to compare --ckpt with
+    ckpt: str = ""  # spread, context, locality: the STEM checkpoint (a ckpt.pt or its run folder); mc, needle: any
+    ckpt_swiglu: str = ""  # spread, context, mc, needle: the SwiGLU checkpoint (same data) to compare --ckpt with
     data_dir: str = "data/facts"  # context without --ckpt: the tokens to count distinct ids in
     batch_size: int = 16  # spread, context: windows per forward pass
     plot_dir: str = "out/claims"  # where PNGs go
@@ -61,6 +65,12 @@ class ClaimsConfig:
     context_windows: int = 200  # context: random windows per T for distinct ids
     context_batches: int = 8  # context: validation batches (of batch_size windows) for the per-position loss
     locality_pairs: int = 100  # locality: random entity triples (A, B, C) for the two-entity probes
+    mc_file: str = ""  # mc: HellaSwag-format .jsonl (ctx, endings, label); empty: a set made from --ckpt's facts
+    mc_limit: int = 0  # mc: score the first N items only (0: all)
+    needle_contexts: str = ""  # needle: context lengths in tokens, e.g. 64,128,256,512 (empty: block_size/8 .. /1)
+    needle_depths: str = "0,0.25,0.5,0.75,1"  # needle: where the needle sits among the filler sentences
+    needle_trials: int = 20  # needle: prompts per context and depth
+    input: str = ""  # needle: a UTF-8 text whose sentences are the filler (empty: the needle world's own filler)
 
 
 # -----------------------------------------------------------------------------
@@ -254,9 +264,9 @@ def swap_rows(model, a, b):
         f.table[ia], f.table[ib] = f.table[ib].clone(), f.table[ia].clone()
 
 
-def load_model(cc, device, key="ckpt", data=None):
+def load_model(cc, device, key="ckpt", data=None, any_ffn=False):
     """(model in eval mode on device, checkpoint, its data folder, that folder's meta) of --ckpt, which must have
-    table layers, or of --ckpt_swiglu, a SwiGLU model trained on data = --ckpt's (data folder, meta)."""
+    table layers (unless any_ffn), or of --ckpt_swiglu, a SwiGLU model trained on data = --ckpt's (folder, meta)."""
     path = ckpt_file(getattr(cc, key))
     ckpt = load_checkpoint(path)
     data_dir, meta = data or (ckpt["config"]["train"]["data_dir"], load_meta(ckpt["config"]["train"]["data_dir"]))
@@ -265,7 +275,8 @@ def load_model(cc, device, key="ckpt", data=None):
     print(f"# --{key}: {path} (step {ckpt['iter']} of {ckpt['config']['train']['max_iters']}, ffn={model.cfg.ffn}, "
           f"stem_layers={model.cfg.stem_layers}, table layers {model.stem_layers or 'none'}, data {data_dir})")
     if key == "ckpt":
-        require(model.stem_layers, f"{path} has no table layers (ffn={model.cfg.ffn}): --ckpt must be a STEM model")
+        require(model.stem_layers or any_ffn, f"{path} has no table layers (ffn={model.cfg.ffn}): --ckpt must be a "
+                f"STEM model")
     else:
         require(model.cfg.ffn == "swiglu", f"{path} is ffn={model.cfg.ffn}: --ckpt_swiglu must be SwiGLU (swapped?)")
     return model, ckpt, data_dir, meta
@@ -529,6 +540,21 @@ def claims_locality(cc, device, ctx):
     return {"locality": loc}
 
 
+# -----------------------------------------------------------------------------
+# what a user judges a model by (evals.py): multiple choice and needle in a haystack, one model or a pair
+
+
+def load_pair(cc, device):
+    """({name: model in eval mode} of --ckpt and, if given, --ckpt_swiglu on the same data), the data folder."""
+    model, _, data_dir, meta = load_model(cc, device, any_ffn=True)
+    require(not cc.ckpt_swiglu or model.cfg.ffn != "swiglu", f"{cc.ckpt} is SwiGLU as well: give the STEM run as "
+            f"--ckpt and its SwiGLU twin as --ckpt_swiglu (swapped?)")
+    models = {model.cfg.ffn: model}
+    if cc.ckpt_swiglu:
+        models["swiglu"] = load_model(cc, device, "ckpt_swiglu", (data_dir, meta))[0]
+    return models, data_dir
+
+
 def last_json(path, mode):
     try:
         return json.loads(open(path).read().strip().splitlines()[-1])[mode]
@@ -543,7 +569,9 @@ SEED_FIGURES = [  # (mode, what it shows, {figure in the mode's JSON line (sprea
     ("locality", "claim 6: edits on facts data", dict.fromkeys(
         ("fact_recall", "edit_success", "unchanged", "c_correct", "c_correct_edited", "control_unchanged"), ".4f")),
     ("context", "claim 7: val loss STEM - SwiGLU by position (negative: STEM better; slope < 0: the gap grows)",
-     dict(mean_diff="+.4f", diff_first_quarter="+.4f", diff_last_quarter="+.4f", slope="+.2e", heaps_beta=".3f"))]
+     dict(mean_diff="+.4f", diff_first_quarter="+.4f", diff_last_quarter="+.4f", slope="+.2e", heaps_beta=".3f")),
+    ("needle", "claim 10: needle accuracy STEM - SwiGLU by context (positive: STEM better; slope > 0: the gap grows)",
+     dict(mean_diff="+.3f", diff_shortest="+.3f", diff_longest="+.3f", diff_slope="+.3f"))]
 
 
 def claims_summary(cc):
@@ -584,16 +612,21 @@ def check_config(cc):
     """Every value in range before anything is read or written: one error line otherwise."""
     require(cc.mode in MODES, f"mode={cc.mode!r} is not one of {', '.join(MODES)} (speed and memory: python bench.py)")
     for k, lo in dict(batch_size=1, spread_tokens=1, spike_window=1, context_windows=1, context_batches=1,
-                      locality_pairs=1, spread_ids=2, context_max=32).items():  # |cos| of pairs; T = 16, 32
+                      locality_pairs=1, spread_ids=2, context_max=32, mc_limit=0, needle_trials=1).items():
+        # (spread_ids: |cos| of pairs; context_max: T = 16 and 32)
         require(getattr(cc, k) >= lo, f"{k}={getattr(cc, k)} must be at least {lo}")
     require(cc.spike_margin > 0, f"spike_margin={cc.spike_margin} must be positive (nats)")
-    require(cc.ckpt or cc.mode not in ("spread", "locality"), f"--mode {cc.mode} needs --ckpt=STEM_RUN (or a ckpt.pt)")
+    require(cc.ckpt or cc.mode not in ("spread", "locality", "mc", "needle"),
+            f"--mode {cc.mode} needs --ckpt={'RUN' if cc.mode in ('mc', 'needle') else 'STEM_RUN'} (or a ckpt.pt)")
     require(cc.mode != "context" or bool(cc.ckpt) == bool(cc.ckpt_swiglu), "--mode context compares two checkpoints: "
             "give both --ckpt and --ckpt_swiglu, or neither (distinct ids only)")
-    for k in ("ckpt", "ckpt_swiglu") if cc.mode in ("spread", "context", "locality") else ():
+    for k in ("ckpt", "ckpt_swiglu") if cc.mode in ("spread", "context", "locality", "mc", "needle") else ():
         path = getattr(cc, k)
         require(not path or os.path.isfile(ckpt_file(path)), f"{k}={path}: no checkpoint there (ckpt.pt or its folder)")
     require(not os.path.isfile(cc.plot_dir), f"plot_dir={cc.plot_dir} is a file: choose a folder")
+    for k in ("mc_file", "input"):
+        require(not getattr(cc, k) or os.path.isfile(getattr(cc, k)), f"{k}={getattr(cc, k)}: no such file")
+    evals.parse_floats(cc.needle_depths, "needle_depths", 0, 1)
 
 
 def main(argv):
@@ -605,7 +638,9 @@ def main(argv):
     res = dict(curves=lambda: claims_curves(cc), quality=lambda: claims_quality(cc),
                stability=lambda: claims_stability(cc), summary=lambda: claims_summary(cc),
                spread=lambda: claims_spread(cc, device, ctx), locality=lambda: claims_locality(cc, device, ctx),
-               context=lambda: claims_context(cc, device, ctx, keys_set))[cc.mode]()
+               context=lambda: claims_context(cc, device, ctx, keys_set),
+               mc=lambda: evals.mc_mode(cc, *load_pair(cc, device), device, ctx),
+               needle=lambda: evals.needle_mode(cc, *load_pair(cc, device), device, ctx))[cc.mode]()
     res.update(mode=cc.mode, device=note, torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     print(json.dumps(res))
 

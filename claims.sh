@@ -6,6 +6,7 @@
 #   5    angular spread of the rows: Shakespeare STEM third and all vs SwiGLU, per seed          claims.py spread
 #   6    edits: success, locality, control: facts400 STEM third / half / all, per seed           claims.py locality
 #   7    Heaps' law, loss by position: Shakespeare STEM third and all vs SwiGLU, per seed        claims.py context
+#   10   needle in a haystack at context 512: STEM half vs SwiGLU, per seed (presets/needle.py)   claims.py needle
 # and last, claims.py summary: every per-seed figure as mean ± sd over the seeds.
 # Runs go to runs/ (runs/DATASET-ARCH-sSEED, the names claims.py --mode quality reads) and runs/claims/stability/;
 # outputs to runs/claims/NAME.txt (each ends with its JSON line), runs/claims/plots*/ and runs/claims/summary.txt.
@@ -15,18 +16,22 @@
 # (runs/claims/NAME.txt) is not redone, nor are the runs only it reads trained: delete it to redo it (and delete
 # runs/claims/stability to train those runs again with other settings).
 #   bash claims.sh
-#   CLAIMS="4 5-7" bash claims.sh                  # parts: "1-3", "4", "5-7"
+#   CLAIMS="4 5-7" bash claims.sh                  # parts: "1-3", "4", "5-7", "10"
 #   SEEDS="1" STABILITY_STEPS=40 bash claims.sh    # a quick look: one seed shows no difference beyond noise
 # Offline: NANOSTEM_SHAKESPEARE=PATH/tinyshakespeare.txt NANOSTEM_GPT2_BPE=PATH/r50k_base.tiktoken bash claims.sh
 # (unset: Tiny Shakespeare is downloaded, and GPT-2's BPE comes from tiktoken's gpt2).
 set -euo pipefail
 SEEDS=${SEEDS:-"1 2 3"}
-CLAIMS=${CLAIMS:-"1-3 4 5-7"}
+CLAIMS=${CLAIMS:-"1-3 4 5-7 10"}
 STABILITY_STEPS=${STABILITY_STEPS:-100}
 OUT=runs/claims
 mkdir -p "$OUT"
-[ -f data/facts400/meta.json ] || python prepare_data.py --entities 400 --out_dir data/facts400
-if [ ! -f data/shakespeare-gpt2/meta.json ]; then
+part() { [[ " $CLAIMS " == *" $1 "* ]]; }
+needs_facts_and_shakespeare() { part 1-3 || part 4 || part 5-7; }
+if needs_facts_and_shakespeare && [ ! -f data/facts400/meta.json ]; then
+  python prepare_data.py --entities 400 --out_dir data/facts400
+fi
+if needs_facts_and_shakespeare && [ ! -f data/shakespeare-gpt2/meta.json ]; then
   python prepare_data.py --dataset shakespeare ${NANOSTEM_SHAKESPEARE:+--input "$NANOSTEM_SHAKESPEARE"} \
     --tokenizer "${NANOSTEM_GPT2_BPE:-gpt2}" --out_dir data/shakespeare-gpt2
 fi
@@ -58,7 +63,6 @@ run() {  # run DATASET ARCH SEED: runs/DATASET-ARCH-sSEED with presets/DATASET.p
   local a="--ffn=stem --stem_layers=${2#stem-}"; [ "$2" = swiglu ] && a="--ffn=swiglu"
   train "runs/$1-$2-s$3" presets/$1.py $a --seed=$3
 }
-part() { [[ " $CLAIMS " == *" $1 "* ]]; }
 
 # ---- claims 1-3: validation loss, recall, edit success per model, mean ± sd over seeds
 if part 1-3 && ! finished quality; then
@@ -107,6 +111,18 @@ for seed in $SEEDS; do
     claim "locality-$arch-s$seed" --mode locality --ckpt="runs/facts400-$arch-s$seed" --locality_pairs=200 \
       --plot_dir="$OUT/plots-locality-$arch-s$seed"
   done
+done
+
+# ---- claim 10: needle in a haystack, STEM's lead by context (the data: prepare_data.py --dataset needle)
+for seed in $SEEDS; do
+  part 10 || break
+  [ -f data/needle/meta.json ] || python prepare_data.py --dataset needle
+  if ! finished "needle-stem-half-s$seed"; then
+    train "runs/needle-swiglu-s$seed" presets/needle.py --ffn=swiglu --seed=$seed
+    train "runs/needle-stem-half-s$seed" presets/needle.py --ffn=stem --stem_layers=half --seed=$seed
+  fi
+  claim "needle-stem-half-s$seed" --mode needle --ckpt="runs/needle-stem-half-s$seed" \
+    --ckpt_swiglu="runs/needle-swiglu-s$seed" --needle_trials=40 --plot_dir="$OUT/plots-needle-stem-half-s$seed"
 done
 
 # ---- one table of the per-seed figures (mean ± sd and the values per seed)

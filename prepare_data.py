@@ -5,20 +5,28 @@ so that a data folder is self-contained. The BPE trainer itself is tokenizer.py;
 
     python prepare_data.py                                    # facts (100 countries) into data/facts
     python prepare_data.py --entities=400 --out_dir=data/facts400
+    python prepare_data.py --dataset=needle                   # needle in a haystack into data/needle
     python prepare_data.py --dataset=shakespeare --tokenizer=gpt2 --out_dir=data/shakespeare-gpt2
     python prepare_data.py --dataset=text --input=books/ --input=notes.txt --tokenizer=bpe:4096
+    python prepare_data.py --dataset=text --input=shards/ --text_field=content --tokenizer=gpt2
 
 Datasets:
   facts        (default) a synthetic world of invented countries and their capital, language,
                currency and continent. STEM stores knowledge per token, so every country and
                capital name is made a single token, and validation states the same facts in
                wordings never seen in training: a low val loss means recalled facts, not copied text.
+  needle       needle in a haystack: generated filler sentences, one sentence giving an invented name's
+               secret number at a random depth, and the question, answered by the number. Training
+               documents hide 1-8 needles and ask for each; after each comes a list of invented names
+               said twice, which teaches copying from the context (claims.py --mode needle evaluates)
   shakespeare  Tiny Shakespeare (downloaded, or --input FILE for a local copy)
-  text         UTF-8 text: --input FILE, repeated, or a FOLDER (its .txt files, sorted, subfolders too)
-Text corpora (shakespeare, text):
-  documents    each file is a document, and a line holding only <|endoftext|> also ends one (that line
-               and the line breaks around it are dropped, and so are empty documents). Each document is
-               encoded whole and followed by the <|endoftext|> token.
+  text         --input FILE, repeated, or a FOLDER (its .txt, .jsonl and .parquet files, sorted, subfolders
+               too): UTF-8 text, or shards of rows: .jsonl (a JSON object a line) and .parquet (needs
+               pyarrow), whose field or column --text_field (default text) holds one document a row
+Text corpora (shakespeare, text), read by corpus.py:
+  documents    each text file is a document, and a line holding only <|endoftext|> also ends one (that
+               line and the line breaks around it are dropped, and so are empty documents); each row of a
+               shard is one. Each document is encoded whole and followed by the <|endoftext|> token.
   validation   whole documents: every 1/val_fraction-th (0.1: the 10th, 20th, ...). A corpus that
                is one document (one file without such lines, e.g. Tiny Shakespeare) is split by
                characters instead: its last val_fraction is validation, no <|endoftext|> added.
@@ -38,24 +46,22 @@ import hashlib
 import io
 import json
 import math
-import multiprocessing
-import multiprocessing.pool
 import os
 import random
 import sys
 import time
 import urllib.request
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 import regex
 import tiktoken
-from tqdm import tqdm
 
 from configurator import UserError, die, parse_config
-from tokenizer import EOT, load_ranks, make_encoding, tiktoken_bytes, train_bpe
+from corpus import (SHARD_SUFFIXES, bpe_sample, input_bytes, input_files, nbytes, single_document_chars,
+                    text_pieces, write_ids)
+from tokenizer import load_ranks, make_encoding, tiktoken_bytes, train_bpe
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
@@ -103,22 +109,23 @@ def default_facts_vocab(num_entities):
     return 128 * math.ceil((6 * num_entities + 600) / 128)
 
 
+def new_name(rng, taken):
+    """A fresh invented word, e.g. "Zurgilpil" (2-3 syllables), whose lower case is not in taken (it is added)."""
+    while True:
+        name = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS)
+                       for _ in range(rng.choice([2, 3]))).capitalize()
+        if name.lower() not in taken:
+            taken.add(name.lower())
+            return name
+
+
 def make_facts(num_entities, seed):
     rng = random.Random(seed)
     taken = {w.lower() for t in [*TRAIN_TEMPLATES.values(), *VAL_TEMPLATES.values()] for s in t
              for w in regex.findall(r"\p{L}+", s)}
     taken |= {w.lower() for pool in POOLS.values() for w in pool}
-
-    def new_name():  # a fresh invented word, e.g. "Zurgilpil" (2-3 syllables)
-        while True:
-            name = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS)
-                           for _ in range(rng.choice([2, 3]))).capitalize()
-            if name.lower() not in taken:
-                taken.add(name.lower())
-                return name
-
-    entities = [{"name": new_name(), "capital": new_name(), **{attr: rng.choice(pool) for attr, pool in POOLS.items()}}
-                for _ in range(num_entities)]
+    entities = [{"name": new_name(rng, taken), "capital": new_name(rng, taken),
+                 **{attr: rng.choice(pool) for attr, pool in POOLS.items()}} for _ in range(num_entities)]
 
     def documents(ent, templates, n):
         # Every template is used about equally often (so each entity's training text surely holds
@@ -152,247 +159,68 @@ def make_facts(num_entities, seed):
     return {"entities": entities, "train_docs": train_docs, "val_docs": val_docs, "probes": probes, "chance": chance}
 
 
-# ----------------------------------------------------------------------------- reading a corpus
+# ----------------------------------------------------------------------------- the needle world
 
-# A line holding only <|endoftext|> ends a document. The line break before it and the one after it go
-# with it, so that "\n<|endoftext|>\n".join(documents) reads back as exactly those documents.
-SEPARATOR = regex.compile(r"\n?^<\|endoftext\|>$\n?", regex.MULTILINE)
-READ_CHARS = 1 << 20  # characters read at a time, and about the longest piece of a document handed on
-BATCH_BYTES = 1 << 20  # text per encoding task: large enough to hide the per-task cost, small enough for flat memory
-BPE_SAMPLE_BYTES = 10 << 20  # bpe:N on a text corpus trains on at most this much of its training text
-PARALLEL_MIN_BYTES = 16 << 20  # smaller corpora are encoded without worker processes
-FORMAT = 2  # recorded with the inputs; raise it when the same inputs would give other token ids
-
-
-def _safe_cut(text, end):
-    """The last position p in 1..end-1 where text can be cut into text[:p] and text[p:] so that the
-    two encode to exactly the tokens of the whole (0 if there is none): just before a line break or
-    a space that follows a non-space character.
-
-    Why that is safe: GPT-2's pre-tokenizer never puts a non-space character and a following space
-    into one piece (a piece may only start with a space), so p is a piece boundary whatever follows,
-    and the pieces before p are found the same way without the rest: only whitespace patterns look
-    ahead (\\s++$, \\s+(?!\\S)) and the character before p is not whitespace. BPE never merges across
-    pieces. (str.isspace is true for every character that \\s matches, so the test errs on the safe side.)
-    """
-    best = 0
-    for ch in "\n ":
-        p = text.rfind(ch, 1, end)
-        while p > 0 and text[p - 1].isspace():
-            p = text.rfind(ch, 1, p)
-        best = max(best, p)
-    return best
+# Needle in a haystack: filler sentences, a needle sentence attaching a random number to an invented name at a
+# chosen depth, and at the end the question, answered by the number. Nothing but the context tells the number, so
+# a model that answers has retrieved it. The evaluation (claims.py --mode needle) hides one needle; a training
+# document hides 1 to NEEDLES of them and asks for each, in another order, and is followed by a copy document:
+# the answers are the only tokens that teach retrieval, too few for a small model, which first has to learn to
+# copy from its context at all (induction heads); a list of invented names said twice teaches that densely.
+FILLER_WORDS = (["old", "quiet", "green", "small", "bright", "cold", "tall", "slow", "grey", "wild"],
+                ["river", "bird", "house", "road", "tree", "ship", "garden", "wind", "stone", "horse"],
+                ["rests", "waits", "turns", "sings", "moves", "sleeps", "stands", "falls", "shines", "grows"],
+                ["by the hill", "in the valley", "near the sea", "under the bridge", "at dawn", "in the rain",
+                 "beyond the wall", "at night", "in the field", "on the shore"])
+NEEDLE = "The secret number of {name} is {number}."
+QUESTION = "What is the secret number of {name}? The secret number of {name} is"  # answer: " {number}"
+NEEDLE_WORDS = {w.lower() for s in [NEEDLE, QUESTION, *sum(FILLER_WORDS, [])] for w in regex.findall(r"\p{L}+", s)}
+NEEDLE_DOCS, NEEDLE_SENTENCES, NEEDLES = 20000, 48, 8  # training documents; in one, at most: filler sentences, needles
+COPY_DOCS = 1.0  # a copy document after each needle document with this probability
 
 
-def _read_pieces(f):
-    """The documents of an open text file as (text, ends_document) pieces, read READ_CHARS at a time.
-
-    A document is handed on whole, or if it is longer than READ_CHARS, in pieces cut by _safe_cut,
-    so memory stays at a few blocks whatever the sizes of the file and its documents (except for a
-    document without a single space or line break, which is read whole). Empty documents are dropped.
-    """
-    buf, started, eof = "", False, False  # started: part of the current document was handed on
-    while not eof:
-        block = f.read(READ_CHARS)
-        eof = not block
-        buf += block
-        start = 0
-        for m in SEPARATOR.finditer(buf):
-            if m.end() == len(buf) and not eof:
-                break  # the line may go on in the next block: decide then
-            if m.start() > start or started:
-                yield buf[start:m.start()], True
-            start, started = m.end(), False
-        buf = buf[start:]  # starts a line, or (after a cut) with a space: SEPARATOR's ^ stays right
-        if eof:
-            if buf or started:
-                yield buf, True
-        elif len(buf) > READ_CHARS:
-            # a long document: hand on what is safe, keeping the last characters, which may be the
-            # beginning of a separator line
-            cut = _safe_cut(buf, len(buf) - len("\n<|endoftext|>\n"))
-            if cut:
-                yield buf[:cut], False
-                buf, started = buf[cut:], True
+def filler_sentences(rng, n):
+    """n generated filler sentences, e.g. "The quiet river waits near the sea." (about 7 tokens each)."""
+    adjective, noun, verb, where = FILLER_WORDS
+    return [f"The {rng.choice(adjective)} {rng.choice(noun)} {rng.choice(verb)} {rng.choice(where)}." for _ in range(n)]
 
 
-def _file_pieces(source):
-    if isinstance(source, io.StringIO):  # text already in memory (the downloaded Tiny Shakespeare)
-        source.seek(0)
-        yield from _read_pieces(source)
-        return
-    try:
-        with open(source, encoding="utf-8") as f:
-            yield from _read_pieces(f)
-    except UnicodeDecodeError:
-        raise UserError(f"--input {source} is not UTF-8 text; convert it to UTF-8 first") from None
-    except OSError as e:
-        raise UserError(f"cannot read --input {source} ({e.strerror or e}); pass an existing text file") from None
+def needle_fact(rng):
+    """(name, number): an invented name (the facts world's syllables) and a random four-digit number."""
+    return new_name(rng, set(NEEDLE_WORDS)), str(rng.randint(1000, 9999))
 
 
-def _is_val(i, val_fraction):
-    # every 1/val_fraction-th document (0.1: the 10th, 20th, ...): spread evenly over the corpus,
-    # and exactly floor(n * val_fraction) of n documents
-    return math.floor((i + 1) * val_fraction) > math.floor(i * val_fraction)
+def haystack(filler, needles):
+    """The filler sentences with each needle (name, number, depth) after round(depth * len(filler)) of them."""
+    out = list(filler)
+    for name, number, depth in sorted(needles, key=lambda n: -n[2]):  # the deepest first: the places before stay
+        out.insert(round(depth * len(filler)), NEEDLE.format(name=name, number=number))
+    return out
 
 
-def _single_document_chars(sources):
-    """The corpus's length in characters if it is one document (one file, no separator line), else None."""
-    if len(sources) != 1:
-        return None
-    chars = docs = 0
-    for text, ends in _file_pieces(sources[0]):
-        chars += len(text)
-        docs += ends
-        if docs > 1:
-            return None
-    return chars
-
-
-def _text_pieces(sources, val_fraction, single_chars):
-    """The corpus as (split, text, eot) pieces, in order; eot: a document ends here and gets <|endoftext|>."""
-    if single_chars is not None:
-        # One document (e.g. Tiny Shakespeare) cannot be split by documents: as before, its last
-        # val_fraction of characters is validation, each part encoded on its own, no <|endoftext|>.
-        cut, pos = int(single_chars * (1 - val_fraction)), 0
-        for text, _ in _file_pieces(sources[0]):
-            if pos < cut:
-                yield "train", text[:cut - pos], False
-            if pos + len(text) > cut:
-                yield "val", text[max(cut - pos, 0):], False
-            pos += len(text)
-        return
-    i = 0
-    for source in sources:
-        for text, ends in _file_pieces(source):
-            yield ("val" if _is_val(i, val_fraction) else "train"), text, ends
-            i += ends
-
-
-def _nbytes(text):
-    return len(text) if text.isascii() else len(text.encode("utf-8"))  # isascii is O(1) on str
-
-
-def _bpe_sample(pieces):
-    """The first BPE_SAMPLE_BYTES of training text (a line break after each document) and whether that is all of it."""
-    parts, size = [], 0
-    for split, text, eot in pieces:
-        if split != "train":
-            continue
-        if size >= BPE_SAMPLE_BYTES:
-            return "".join(parts), False
-        parts.append(text + "\n" if eot else text)
-        size += _nbytes(text)
-    return "".join(parts), True
-
-
-def _input_files(inputs):
-    """The files that --input names, in order; a folder stands for its .txt files (sorted, subfolders too)."""
-    files = []
-    for path in inputs:
-        if os.path.isdir(path):
-            found = sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names if n.endswith(".txt"))
-            if not found:
-                raise UserError(f"--input {path} is a folder without .txt files; pass text files or a folder of them")
-            files += found
-        elif os.path.isfile(path):
-            files.append(path)
-        else:
-            raise UserError(f"cannot read --input {path} (no such file or folder); pass an existing text file")
-    return files
-
-
-# ----------------------------------------------------------------------------- encoding, on all cores
-
-def _encode_pieces(pieces, dtype):
-    """The token ids of consecutive (text, eot) pieces of one split, encoded with _worker_enc."""
-    # The pieces are joined with the <|endoftext|> text between documents and encoded in one call that
-    # takes it as the special token: tiktoken encodes the text between special tokens on its own, so
-    # every document gets the ids of encoding it alone. A document holding "<|endoftext|>" as text is
-    # encoded apart, as ordinary text (the literal cannot straddle two pieces: cuts are before spaces).
-    enc, out, run = _worker_enc, [], []
-
-    def flush():
-        if run:
-            out.append(enc.encode_to_numpy("".join(run), allowed_special={EOT}))
-            run.clear()
-
-    for text, eot in pieces:
-        if EOT in text:
-            flush()
-            out.append(np.array(enc.encode_ordinary(text) + [enc.eot_token] * eot, dtype=np.uint32))
-        else:
-            run.append(text)
-            if eot:
-                run.append(EOT)
-    flush()
-    return np.concatenate(out).astype(dtype) if out else np.zeros(0, dtype)
-
-
-_worker_enc = None  # the encoding, in each worker process (or in this process, for a small corpus)
-
-
-def _init_worker(ranks):
-    global _worker_enc
-    _worker_enc = make_encoding(ranks)
-
-
-def _write_ids(ranks, pieces, paths, dtype, total_bytes, progress):
-    """Encodes the (split, text, eot) pieces on all cores and appends each split's ids to paths[split],
-    in order. Returns the tokens and documents of each split."""
-    # Worker processes, not threads: tiktoken does release the GIL, but on a 2-core machine two threads
-    # reached 10.9 MB/s and two processes 13-16 MB/s (301 MB of text, GPT-2's tokenizer). They are
-    # forked on Linux (fast, and a caller's unguarded script is not run again as with spawn), before
-    # the progress bar starts its thread. A small corpus is encoded by one thread: starting processes
-    # would cost more than it saves.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = cores if total_bytes >= PARALLEL_MIN_BYTES else 1
-    if workers > 1:
-        ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(ranks,))
-    else:
-        pool = multiprocessing.pool.ThreadPool(1, initializer=_init_worker, initargs=(ranks,))
-    tokens, docs = {"train": 0, "val": 0}, {"train": 0, "val": 0}
-    batch, batch_bytes = {"train": [], "val": []}, {"train": 0, "val": 0}
-    in_flight = deque()  # (split, result, bytes) in the order the ids must be written
-    t0 = time.time()
-    with pool, open(paths["train"], "wb") as ftrain, open(paths["val"], "wb") as fval, \
-            tqdm(total=total_bytes, desc="tokenizing", unit="B", unit_scale=True, disable=not progress) as bar:
-        files = {"train": ftrain, "val": fval}
-
-        def write_oldest():
-            split, result, nbytes = in_flight.popleft()
-            ids = result.get()
-            files[split].write(memoryview(ids))
-            tokens[split] += len(ids)
-            bar.update(nbytes)
-
-        def submit(split):
-            in_flight.append((split, pool.apply_async(_encode_pieces, (batch[split], dtype)), batch_bytes[split]))
-            batch[split], batch_bytes[split] = [], 0
-            if len(in_flight) > 2 * workers:  # bounded: a few batches of text and ids in memory at once
-                write_oldest()
-
-        for split, text, eot in pieces:
-            batch[split].append((text, eot))
-            batch_bytes[split] += _nbytes(text)
-            docs[split] += eot
-            if batch_bytes[split] >= BATCH_BYTES:
-                submit(split)
-        for split in batch:
-            if batch[split]:
-                submit(split)
-        while in_flight:
-            write_oldest()
-        bar.update(max(total_bytes - bar.n, 0))  # the separator lines (and \r of \r\n) were read too
-    dt = time.time() - t0
-    if progress:
-        print(f"tokenized {total_bytes / 1e6:,.1f} MB in {dt:.1f} s: {total_bytes / 1e6 / max(dt, 1e-9):.1f} MB/s "
-              f"({workers} worker{'s' if workers > 1 else ''})")
-    return tokens, docs
+def needle_documents(n_docs, max_sentences, max_needles, seed):
+    """Training documents: 0..max_sentences filler sentences, 1..max_needles needles at uniform random depths, and
+    the question and answer of each needle, in random order; each followed (with probability COPY_DOCS) by a copy
+    document, invented names said twice."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        taken = set(NEEDLE_WORDS)  # names differ within a document
+        needles = [(new_name(rng, taken), str(rng.randint(1000, 9999)), rng.random())
+                   for _ in range(rng.randint(1, max_needles))]
+        filler = filler_sentences(rng, rng.randint(0, max_sentences))
+        questions = [f"{QUESTION.format(name=name)} {number}." for name, number, _ in rng.sample(needles, len(needles))]
+        docs.append(" ".join(haystack(filler, needles) + questions))
+        if rng.random() < COPY_DOCS:  # invented names, then the same again: every name's second time is copied
+            passage = [new_name(rng, set(NEEDLE_WORDS)) for _ in range(rng.randint(4, 2 * max_sentences))]
+            docs.append(" ".join(passage + passage))
+    return docs
 
 
 # ----------------------------------------------------------------------------- the whole job
+
+FORMAT = 2  # recorded with the inputs; raise it when the same inputs would give other token ids
+
 
 def _parse_tokenizer_spec(spec):
     if spec.startswith("bpe:"):
@@ -445,11 +273,13 @@ def _sha256(data):
     return hashlib.sha256(data).hexdigest()
 
 
-def _inputs_record(dataset, tokenizer, inputs, files, num_entities, seed, val_fraction):
+def _inputs_record(dataset, tokenizer, inputs, files, count, seed, val_fraction, text_field="text"):
     """What meta.json records as the data's inputs: only data made from the same record replaces a folder silently."""
     record = {"format": FORMAT, "dataset": dataset}
     if dataset == "facts":
-        record.update(entities=num_entities, seed=seed)
+        record.update(entities=count, seed=seed)
+    elif dataset == "needle":
+        record.update(docs=count, seed=seed)
     elif files is None:
         record.update(input=[SHAKESPEARE_URL], val_fraction=val_fraction)
     else:
@@ -462,6 +292,8 @@ def _inputs_record(dataset, tokenizer, inputs, files, num_entities, seed, val_fr
         record.update(input=[os.path.abspath(p) for p in inputs], files=len(files),
                       bytes=sum(os.path.getsize(p) for p in files), files_sha256=h.hexdigest()[:16],
                       val_fraction=val_fraction)
+        if any(p.endswith(SHARD_SUFFIXES) for p in files):  # (so a folder prepared from .txt files stays prepared)
+            record.update(text_field=text_field)
     record["tokenizer"] = tokenizer
     if tokenizer.endswith(".tiktoken"):
         with open(tokenizer, "rb") as f:
@@ -508,7 +340,7 @@ def _already_prepared(out_dir, record, force):
 
 
 def prepare(dataset="facts", input=None, tokenizer=None, out_dir=None, seed=1337, entities=None,
-            val_fraction=0.1, progress=True, force=False):
+            val_fraction=0.1, progress=True, force=False, text_field="text", needle_docs=None):
     """Prepares out_dir (default data/<name>) and returns it. input: a path or a list of paths."""
     # 1. what the data is made from, checked before anything is read or written
     inputs = [input] if isinstance(input, str) else list(input or [])
@@ -522,20 +354,29 @@ def prepare(dataset="facts", input=None, tokenizer=None, out_dir=None, seed=1337
         if not 1 <= num <= 5000:
             raise UserError(f"--entities {num} is out of range; use 1 to 5000")
         name, tokenizer = "facts", tokenizer or f"bpe:{default_facts_vocab(num)}"
+    elif entities is not None:
+        raise UserError("--entities only applies to --dataset facts; drop it")
+    elif needle_docs is not None and dataset != "needle":
+        raise UserError("--needle_docs only applies to --dataset needle; drop it")
+    elif dataset == "needle":
+        if inputs:
+            raise UserError("--input is not used by --dataset needle (the documents are generated); drop it")
+        num = NEEDLE_DOCS if needle_docs is None else needle_docs
+        if not 10 <= num <= 10 ** 6:
+            raise UserError(f"--needle_docs {num} is out of range; use 10 to 1000000")
+        name, tokenizer = "needle", tokenizer or "bpe:1024"
     elif dataset in ("shakespeare", "text"):
-        if entities is not None:
-            raise UserError("--entities only applies to --dataset facts; drop it")
         tokenizer = tokenizer or "bpe:8192"
         if inputs:
-            files = _input_files(inputs)
+            files = input_files(inputs)
         elif dataset == "text":
             raise UserError("--dataset text needs --input FILE or FOLDER (UTF-8 text)")
         name = "shakespeare" if dataset == "shakespeare" else \
             os.path.splitext(os.path.basename(os.path.normpath(inputs[0])))[0]
     else:
-        raise UserError(f"unknown --dataset {dataset}; use facts, shakespeare or text")
+        raise UserError(f"unknown --dataset {dataset}; use facts, needle, shakespeare or text")
     _parse_tokenizer_spec(tokenizer)  # fail on a bad spec before a download
-    record = _inputs_record(dataset, tokenizer, inputs, files, num, seed, val_fraction)
+    record = _inputs_record(dataset, tokenizer, inputs, files, num, seed, val_fraction, text_field)
     out_dir = out_dir or os.path.join("data", name)
     if _already_prepared(out_dir, record, force):
         print(f"{out_dir} is already prepared from these inputs; nothing to do (--force prepares it again)")
@@ -546,8 +387,13 @@ def prepare(dataset="facts", input=None, tokenizer=None, out_dir=None, seed=1337
     if dataset == "facts":
         facts = make_facts(num, seed)
         pieces = [("train", d, True) for d in facts["train_docs"]] + [("val", d, True) for d in facts["val_docs"]]
-        total_bytes = sum(_nbytes(d) for _, d, _ in pieces)
+        total_bytes = sum(nbytes(d) for _, d, _ in pieces)
         sample = "\n".join(facts["train_docs"])  # all of it: every name must be seen (E <= 5000: < 30 MB)
+    elif dataset == "needle":  # and a tenth as many documents for validation, from a generator of their own
+        pieces = [(split, d, True) for split, n, s in [("train", num, seed), ("val", num // 10, seed + 1)]
+                  for d in needle_documents(n, NEEDLE_SENTENCES, NEEDLES, s)]
+        total_bytes = sum(nbytes(d) for _, d, _ in pieces)
+        sample = "\n".join(d for _, d, _ in pieces[:2000])  # the few words and the digits: 2000 documents show them
     else:
         if files is None:
             try:
@@ -559,17 +405,17 @@ def prepare(dataset="facts", input=None, tokenizer=None, out_dir=None, seed=1337
                                 f"from {SHAKESPEARE_URL} and pass --input FILE") from None
             total_bytes = len(sources[0].getvalue().encode())
         else:
-            sources, total_bytes = files, sum(os.path.getsize(p) for p in files)
-        single = _single_document_chars(sources)
+            sources, total_bytes = files, input_bytes(files, text_field)
+        single = single_document_chars(sources, text_field)
         if single is not None and int(single * (1 - val_fraction)) in (0, single):
             raise UserError(f"the input ({single} characters) is too short to split into train and val; "
                             "use a larger file")
-        pieces = _text_pieces(sources, val_fraction, single)
+        pieces = text_pieces(sources, val_fraction, single, text_field)
         sample = ""
         if tokenizer.startswith("bpe:"):
-            sample, complete = _bpe_sample(_text_pieces(sources, val_fraction, single))
+            sample, complete = bpe_sample(text_pieces(sources, val_fraction, single, text_field))
             if not complete:
-                print(f"bpe: training on a sample, the first {_nbytes(sample) / 1e6:.1f} MB of the training text "
+                print(f"bpe: training on a sample, the first {nbytes(sample) / 1e6:.1f} MB of the training text "
                       f"(of about {total_bytes * (1 - val_fraction) / 1e6:,.0f} MB)")
 
     # 3. the tokenizer, trained (for bpe:N) on training text only
@@ -598,7 +444,7 @@ def prepare(dataset="facts", input=None, tokenizer=None, out_dir=None, seed=1337
     made_dir = not os.path.isdir(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
-        tokens, docs = _write_ids(ranks, pieces, {"train": tmp["train.bin"], "val": tmp["val.bin"]}, dtype,
+        tokens, docs = write_ids(ranks, pieces, {"train": tmp["train.bin"], "val": tmp["val.bin"]}, dtype,
                                   total_bytes, progress)
         for split, other in [("val", "train"), ("train", "val")]:
             if tokens[split] == 0:
@@ -641,9 +487,10 @@ def prepare(dataset="facts", input=None, tokenizer=None, out_dir=None, seed=1337
         raise
 
     bpe_time = f"{bpe_seconds:.2f} s" if bpe_seconds is not None else "none (pretrained)"
-    print(f"dataset: {dataset}" + (f" ({len(facts['entities'])} entities)" if facts else ""))
+    print(f"dataset: {dataset}" + (f" ({len(facts['entities'])} entities)" if facts else
+                                   f" ({num:,} + {num // 10:,} documents)" if dataset == "needle" else ""))
     print(f"tokenizer: {tokenizer}, vocab size {enc.n_vocab} (eot id {enc.eot_token}), BPE training {bpe_time}")
-    if facts is None and single is None:
+    if dataset in ("shakespeare", "text") and single is None:
         print(f"documents: {docs['train']:,} train, {docs['val']:,} val (every {1 / val_fraction:.3g}th)")
     print(f"tokens: {tokens['train']:,} train, {tokens['val']:,} val ({meta['dtype']})")
     print(f"wrote {out_dir} (fingerprint {fingerprint})")
@@ -652,12 +499,14 @@ def prepare(dataset="facts", input=None, tokenizer=None, out_dir=None, seed=1337
 
 @dataclass
 class PrepareConfig:
-    dataset: str = "facts"  # facts | shakespeare | text
-    input: list = field(default_factory=list)  # FILE or FOLDER of .txt files, repeatable (shakespeare: a local copy)
+    dataset: str = "facts"  # facts | needle | shakespeare | text
+    input: list = field(default_factory=list)  # FILE or FOLDER (.txt .jsonl .parquet), repeatable (shakespeare: a copy)
+    text_field: str = "text"  # .jsonl/.parquet input: the field (column) holding each document's text
     tokenizer: Optional[str] = None  # bpe:N, gpt2 or PATH.tiktoken (default: bpe:8192; a small N for facts)
     out_dir: Optional[str] = None  # default data/<name>
     seed: int = 1337  # facts: the world's seed
     entities: Optional[int] = None  # facts: number of countries (default 100)
+    needle_docs: Optional[int] = None  # needle: training documents (default 20000), and a tenth as many for val
     val_fraction: float = 0.1  # not facts: every 1/val_fraction-th document is validation (one document: its last part)
     force: bool = False  # replace out_dir even if it holds data made from other inputs
 
@@ -670,7 +519,7 @@ def main(argv=None):
             if k in keys and not getattr(cfg, k):
                 raise UserError(f"--{k} is empty: give a value, or leave --{k} out for the default")
         prepare(cfg.dataset, cfg.input, cfg.tokenizer, cfg.out_dir, cfg.seed, cfg.entities, cfg.val_fraction,
-                force=cfg.force)
+                force=cfg.force, text_field=cfg.text_field, needle_docs=cfg.needle_docs)
     except UserError as e:
         die(str(e))
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import regex
 
+import corpus as C
 import prepare_data as P
 import tokenizer as T
 from configurator import UserError
@@ -274,8 +275,8 @@ def test_prepare_text_dataset(tmp_path):
 
 
 def read_pieces(text, read_chars, monkeypatch):
-    monkeypatch.setattr(P, "READ_CHARS", read_chars)
-    return list(P._read_pieces(io.StringIO(text)))
+    monkeypatch.setattr(C, "READ_CHARS", read_chars)
+    return list(C._read_pieces(io.StringIO(text)))
 
 
 @SHAKESPEARE
