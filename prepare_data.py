@@ -217,6 +217,15 @@ def needle_documents(n_docs, max_sentences, max_needles, seed):
     return docs
 
 
+def _needle_pieces(num, seed):
+    """(pieces, their bytes, the BPE sample) of --dataset needle: num training documents, and a tenth as many for
+    validation from a generator of their own."""
+    pieces = [(split, d, True) for split, n, s in [("train", num, seed), ("val", num // 10, seed + 1)]
+              for d in needle_documents(n, NEEDLE_SENTENCES, NEEDLES, s)]
+    # the few words, syllables and digits there are: 2000 documents show them all
+    return pieces, sum(nbytes(d) for _, d, _ in pieces), "\n".join(d for _, d, _ in pieces[:2000])
+
+
 # ----------------------------------------------------------------------------- the whole job
 
 FORMAT = 2  # recorded with the inputs; raise it when the same inputs would give other token ids
@@ -344,12 +353,12 @@ def prepare(dataset="facts", input=None, tokenizer=None, out_dir=None, seed=1337
     """Prepares out_dir (default data/<name>) and returns it. input: a path or a list of paths."""
     # 1. what the data is made from, checked before anything is read or written
     inputs = [input] if isinstance(input, str) else list(input or [])
-    files = num = None
+    files = num = single = None  # single: a text corpus's length in characters, if it is one document
     if not 0 < val_fraction < 1:  # every dataset: a value out of range is a mistake even where it is not used
         raise UserError(f"--val_fraction {val_fraction} must be between 0 and 1, e.g. 0.1")
+    if inputs and dataset in ("facts", "needle"):
+        raise UserError(f"--input is not used by --dataset {dataset} (its documents are generated); drop it")
     if dataset == "facts":
-        if inputs:
-            raise UserError("--input is not used by --dataset facts (the facts are generated); drop it")
         num = DEFAULT_ENTITIES if entities is None else entities
         if not 1 <= num <= 5000:
             raise UserError(f"--entities {num} is out of range; use 1 to 5000")
@@ -359,8 +368,6 @@ def prepare(dataset="facts", input=None, tokenizer=None, out_dir=None, seed=1337
     elif needle_docs is not None and dataset != "needle":
         raise UserError("--needle_docs only applies to --dataset needle; drop it")
     elif dataset == "needle":
-        if inputs:
-            raise UserError("--input is not used by --dataset needle (the documents are generated); drop it")
         num = NEEDLE_DOCS if needle_docs is None else needle_docs
         if not 10 <= num <= 10 ** 6:
             raise UserError(f"--needle_docs {num} is out of range; use 10 to 1000000")
@@ -389,11 +396,8 @@ def prepare(dataset="facts", input=None, tokenizer=None, out_dir=None, seed=1337
         pieces = [("train", d, True) for d in facts["train_docs"]] + [("val", d, True) for d in facts["val_docs"]]
         total_bytes = sum(nbytes(d) for _, d, _ in pieces)
         sample = "\n".join(facts["train_docs"])  # all of it: every name must be seen (E <= 5000: < 30 MB)
-    elif dataset == "needle":  # and a tenth as many documents for validation, from a generator of their own
-        pieces = [(split, d, True) for split, n, s in [("train", num, seed), ("val", num // 10, seed + 1)]
-                  for d in needle_documents(n, NEEDLE_SENTENCES, NEEDLES, s)]
-        total_bytes = sum(nbytes(d) for _, d, _ in pieces)
-        sample = "\n".join(d for _, d, _ in pieces[:2000])  # the few words and the digits: 2000 documents show them
+    elif dataset == "needle":
+        pieces, total_bytes, sample = _needle_pieces(num, seed)
     else:
         if files is None:
             try:
@@ -487,10 +491,9 @@ def prepare(dataset="facts", input=None, tokenizer=None, out_dir=None, seed=1337
         raise
 
     bpe_time = f"{bpe_seconds:.2f} s" if bpe_seconds is not None else "none (pretrained)"
-    print(f"dataset: {dataset}" + (f" ({len(facts['entities'])} entities)" if facts else
-                                   f" ({num:,} + {num // 10:,} documents)" if dataset == "needle" else ""))
+    print(f"dataset: {dataset}" + (f" ({len(facts['entities'])} entities)" if facts else ""))
     print(f"tokenizer: {tokenizer}, vocab size {enc.n_vocab} (eot id {enc.eot_token}), BPE training {bpe_time}")
-    if dataset in ("shakespeare", "text") and single is None:
+    if facts is None and single is None:
         print(f"documents: {docs['train']:,} train, {docs['val']:,} val (every {1 / val_fraction:.3g}th)")
     print(f"tokens: {tokens['train']:,} train, {tokens['val']:,} val ({meta['dtype']})")
     print(f"wrote {out_dir} (fingerprint {fingerprint})")

@@ -219,3 +219,12 @@ def test_needle_summary_by_hand():
     assert res["diff_slope"] == pytest.approx(0.1) and res["diff_shortest"] == 0
     assert res["diff_longest"] == pytest.approx(0.2)
     assert evals.needle_summary([64], [[1.0]], [[0.5]])["diff_slope"] is None
+
+
+def test_prepare_needle_refuses_what_it_does_not_use(tmp_path):
+    for args, why in [(["--dataset=needle", "--input=x.txt"], "--input is not used"),
+                      (["--dataset=facts", "--needle_docs=100"], "--needle_docs only applies"),
+                      (["--dataset=needle", "--needle_docs=5"], "out of range"),
+                      (["--dataset=needle", "--entities=5"], "--entities only applies")]:
+        assert_user_error(run_inproc("prepare_data.py", *args, f"--out_dir={tmp_path / 'd'}", ok=False), why)
+    assert not (tmp_path / "d").exists()
