@@ -358,6 +358,8 @@ def prepare(dataset="facts", input=None, tokenizer=None, out_dir=None, seed=1337
         raise UserError(f"--val_fraction {val_fraction} must be between 0 and 1, e.g. 0.1")
     if inputs and dataset in ("facts", "needle"):
         raise UserError(f"--input is not used by --dataset {dataset} (its documents are generated); drop it")
+    if needle_docs is not None and dataset != "needle":
+        raise UserError("--needle_docs only applies to --dataset needle; drop it")
     if dataset == "facts":
         num = DEFAULT_ENTITIES if entities is None else entities
         if not 1 <= num <= 5000:
@@ -365,8 +367,6 @@ def prepare(dataset="facts", input=None, tokenizer=None, out_dir=None, seed=1337
         name, tokenizer = "facts", tokenizer or f"bpe:{default_facts_vocab(num)}"
     elif entities is not None:
         raise UserError("--entities only applies to --dataset facts; drop it")
-    elif needle_docs is not None and dataset != "needle":
-        raise UserError("--needle_docs only applies to --dataset needle; drop it")
     elif dataset == "needle":
         num = NEEDLE_DOCS if needle_docs is None else needle_docs
         if not 10 <= num <= 10 ** 6:
