@@ -10,8 +10,8 @@
 # and last, claims.py summary: every per-seed figure as mean ± sd over the seeds.
 # Runs go to runs/ (runs/DATASET-ARCH-sSEED, the names claims.py --mode quality reads) and runs/claims/stability/;
 # outputs to runs/claims/NAME.txt (each ends with its JSON line), runs/claims/plots*/ and runs/claims/summary.txt.
-# Cost on a 2-core CPU: about 3 hours from nothing (the 33 quality runs about 1 h 45 min, the 18 stability runs
-# about 40 min, the claims.py modes about 15 min).
+# Cost on a 2-core CPU: about 4 hours from nothing (the 33 quality runs about 1 h 45 min, the 18 stability runs
+# about 40 min, the claims.py modes about 15 min, the 6 needle runs about 1 h).
 # Resumable: a finished run is kept and an interrupted one continues (--init_from=resume); an output that finished
 # (runs/claims/NAME.txt) is not redone, nor are the runs only it reads trained: delete it to redo it (and delete
 # runs/claims/stability to train those runs again with other settings).
