@@ -113,7 +113,7 @@ for seed in $SEEDS; do
   done
 done
 
-# ---- claim 10: needle in a haystack, STEM's lead by context (the data: prepare_data.py --dataset needle)
+# ---- claim 10: needle in a haystack, STEM's advantage by context (the data: prepare_data.py --dataset needle)
 for seed in $SEEDS; do
   part 10 || break
   [ -f data/needle/meta.json ] || python prepare_data.py --dataset needle

@@ -17,8 +17,8 @@ Datasets:
                wordings never seen in training: a low val loss means recalled facts, not copied text.
   needle       needle in a haystack: generated filler sentences, one sentence giving an invented name's
                secret number at a random depth, and the question, answered by the number. Training
-               documents hide 1-8 needles and ask for each; after each comes a list of invented names
-               said twice, which teaches copying from the context (claims.py --mode needle evaluates)
+               documents hide 1-8 needles and ask for each; each is followed by a copy document (4-96
+               invented names, then the same again), meant to teach copying from the context.
   shakespeare  Tiny Shakespeare (downloaded, or --input FILE for a local copy)
   text         --input FILE, repeated, or a FOLDER (its .txt, .jsonl and .parquet files, sorted, subfolders
                too): UTF-8 text, or shards of rows: .jsonl (a JSON object a line) and .parquet (needs

@@ -11,7 +11,7 @@ ffn_hidden = 2048
 block_size = 1024
 ffn = "stem"
 stem_layers = "third"
-batch_size = 16  # 16 x 1024 tokens per micro-batch fits an 80 GB GPU in bf16 (lower it on smaller GPUs)
+batch_size = 16  # 16 x 1024 tokens per micro-batch should fit an 80 GB GPU in bf16 (estimate; lower it on smaller GPUs)
 grad_accum = 32  # 16 x 1024 x 32 = 524,288 tokens per step, GPT-2's batch
 max_iters = 5000  # 2.6B tokens: about 20 per backbone parameter (Chinchilla), 4 per table parameter
 eval_interval = 250
