@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import offload
 from common import (Batches, check_model_config, check_provenance, load_checkpoint, load_meta, model_from_checkpoint,
-                    prepare_facts, resolve_device)
+                    prepare_facts, pyplot, resolve_device)
 from configurator import UserError, die, parse_config, read_preset, require
 from model import GPT, GPTConfig, STEM, SwiGLU, configure_optimizer
 from tables import ResidentTables, RowAdamW, adamw_, joint_norm
@@ -98,14 +98,9 @@ def table(rows, cols):  # cells: strings as given, None as "-", numbers to 4 sig
 
 def plot(path, xlabel, ylabel, series, logx=False, bands=None, title=None, logy=False):
     """One figure of lines {name: [(x, y), ...]}, each with an optional band {name: (lows, highs)}."""
-    try:
-        import matplotlib
-    except ImportError:  # e.g. a GPU machine with only torch: the figures are in the table and the JSON
-        print(f"# matplotlib is not installed: {path} not drawn")
+    plt = pyplot(path)
+    if plt is None:
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, pts in series.items():
         xs, ys = zip(*pts)

@@ -343,11 +343,24 @@ def read_metrics(path):
     return rows
 
 
-def plot_losses(metrics_path, png_path):
-    """out_dir/loss.png: training and validation loss by step, and beside it fact recall where the data has probes."""
-    import matplotlib  # imported here: only a run that plots needs it (and it is slow to import)
+def pyplot(path):
+    """matplotlib.pyplot, off screen, for a figure to be saved at path (its folder made); None without matplotlib."""
+    try:
+        import matplotlib  # imported here: only what plots needs it (and it is slow to import)
+    except ImportError:  # e.g. a GPU machine with only torch: the figures are in the table and the JSON
+        print(f"# matplotlib is not installed: {path} not drawn")
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    return plt
+
+
+def plot_losses(metrics_path, png_path):
+    """out_dir/loss.png: training and validation loss by step, and beside it fact recall where the data has probes."""
+    plt = pyplot(png_path)
+    if plt is None:
+        return
     rows = read_metrics(metrics_path)
     tr = [(r["iter"], r["loss"]) for r in rows if r["kind"] == "train"]
     ev = [(r["iter"], r["val_loss"]) for r in rows if r["kind"] == "eval"]

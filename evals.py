@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import table
-from common import load_facts
+from common import load_facts, pyplot
 from configurator import UserError, require
 from prepare_data import QUESTION, filler_sentences, haystack, needle_fact
 from tokenizer import load_tokenizer
@@ -106,9 +106,9 @@ def score_mc(model, enc, items, device, ctx):
 
 def draw_mc(path, scores):
     """Bars of acc and acc_norm per model, with chance as a line."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(path)
+    if plt is None:
+        return
     names = list(scores)
     fig, ax = plt.subplots(figsize=(1.6 + 1.8 * len(names), 3.2))
     xs = np.arange(len(names))
@@ -121,7 +121,6 @@ def draw_mc(path, scores):
     ax.set_ylabel(f"accuracy ({scores[names[0]]['n']} items)")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -195,9 +194,9 @@ def needle_summary(contexts, acc, acc_swiglu=None):
 
 def draw_needle(path, contexts, depths, accs):
     """Heatmaps of accuracy (context x depth), one per model, and the first minus the second when there are two."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(path)
+    if plt is None:
+        return
     panels, diff_name = list(accs.items()), " - ".join(accs)
     if len(panels) == 2:
         panels.append((diff_name, (np.array(panels[0][1]) - np.array(panels[1][1])).tolist()))
@@ -217,7 +216,6 @@ def draw_needle(path, contexts, depths, accs):
         ax.set_title(name, fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
