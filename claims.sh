@@ -114,12 +114,22 @@ for seed in $SEEDS; do
 done
 
 # ---- claim 10: needle in a haystack, STEM's advantage by context (the data: prepare_data.py --dataset needle)
+steps() {  # steps OUT_DIR: the steps its checkpoint has trained (0 without one)
+  if [ -f "$1/ckpt.pt" ]; then python -c "import torch; print(torch.load('$1/ckpt.pt', weights_only=True)['iter'])"
+  else echo 0; fi
+}
+needle() {  # needle OUT_DIR ARGS...: presets/needle.py, its first 2,000 steps at context 128, then on at 512
+  local out=$1; shift
+  [ "$(steps "$out")" -ge 2000 ] || train "$out" presets/needle.py "$@" --block_size=128 --batch_size=16 --max_iters=2000
+  [ "$(steps "$out")" -ge 3000 ] || { echo "== $out (context 512)"
+    python train.py presets/needle.py "$@" --out_dir="$out" --compile=False --init_from=resume > /dev/null; }
+}
 for seed in $SEEDS; do
   part 10 || break
   [ -f data/needle/meta.json ] || python prepare_data.py --dataset needle
   if ! finished "needle-stem-half-s$seed"; then
-    train "runs/needle-swiglu-s$seed" presets/needle.py --ffn=swiglu --seed=$seed
-    train "runs/needle-stem-half-s$seed" presets/needle.py --ffn=stem --stem_layers=half --seed=$seed
+    needle "runs/needle-swiglu-s$seed" --ffn=swiglu --seed=$seed
+    needle "runs/needle-stem-half-s$seed" --ffn=stem --stem_layers=half --seed=$seed
   fi
   claim "needle-stem-half-s$seed" --mode needle --ckpt="runs/needle-stem-half-s$seed" \
     --ckpt_swiglu="runs/needle-swiglu-s$seed" --needle_trials=40 --plot_dir="$OUT/plots-needle-stem-half-s$seed"

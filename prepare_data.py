@@ -17,8 +17,8 @@ Datasets:
                wordings never seen in training: a low val loss means recalled facts, not copied text.
   needle       needle in a haystack: generated filler sentences, one sentence giving an invented name's
                secret number at a random depth, and the question, answered by the number. Training
-               documents hide 1-8 needles and ask for each; each is followed by a copy document (4-96
-               invented names, then the same again), meant to teach copying from the context.
+               documents are short (0-8 filler sentences, about 60 tokens), each followed by a copy
+               document (4-16 invented names, then the same again) that teaches copying from the context.
   shakespeare  Tiny Shakespeare (downloaded, or --input FILE for a local copy)
   text         --input FILE, repeated, or a FOLDER (its .txt, .jsonl and .parquet files, sorted, subfolders
                too): UTF-8 text, or shards of rows: .jsonl (a JSON object a line) and .parquet (needs
@@ -163,10 +163,11 @@ def make_facts(num_entities, seed):
 
 # Needle in a haystack: filler sentences, a needle sentence attaching a random number to an invented name at a
 # chosen depth, and at the end the question, answered by the number. Nothing but the context tells the number, so
-# a model that answers has retrieved it. The evaluation (claims.py --mode needle) hides one needle; a training
-# document hides 1 to NEEDLES of them and asks for each, in another order, and is followed by a copy document:
-# the answers are the only tokens that teach retrieval, too few for a small model, which first has to learn to
-# copy from its context at all (induction heads); a list of invented names said twice teaches that densely.
+# a model that answers has retrieved it. The evaluation (claims.py --mode needle) hides one needle in up to a
+# block_size of filler; a training document hides one in a few sentences and is followed by a copy document: the
+# answers are the only tokens that teach retrieval, too few for a small model, which first has to learn to copy
+# from its context at all (induction heads); a list of invented names said twice teaches that densely. Short
+# distances teach it first, and only those are learned within a CPU's steps (RESULTS.md, claim 10).
 FILLER_WORDS = (["old", "quiet", "green", "small", "bright", "cold", "tall", "slow", "grey", "wild"],
                 ["river", "bird", "house", "road", "tree", "ship", "garden", "wind", "stone", "horse"],
                 ["rests", "waits", "turns", "sings", "moves", "sleeps", "stands", "falls", "shines", "grows"],
@@ -175,8 +176,8 @@ FILLER_WORDS = (["old", "quiet", "green", "small", "bright", "cold", "tall", "sl
 NEEDLE = "The secret number of {name} is {number}."
 QUESTION = "What is the secret number of {name}? The secret number of {name} is"  # answer: " {number}"
 NEEDLE_WORDS = {w.lower() for s in [NEEDLE, QUESTION, *sum(FILLER_WORDS, [])] for w in regex.findall(r"\p{L}+", s)}
-NEEDLE_DOCS, NEEDLE_SENTENCES, NEEDLES = 20000, 48, 8  # training documents; in one, at most: filler sentences, needles
-COPY_DOCS = 1.0  # a copy document after each needle document with this probability
+NEEDLE_DOCS = 50000  # training documents (each followed by its copy document), and a tenth as many for val
+NEEDLE_SENTENCES, NEEDLES = 8, 1  # in a training document, at most: filler sentences, needles
 
 
 def filler_sentences(rng, n):
@@ -198,10 +199,10 @@ def haystack(filler, needles):
     return out
 
 
-def needle_documents(n_docs, max_sentences, max_needles, seed):
+def needle_documents(n_docs, seed, max_sentences=NEEDLE_SENTENCES, max_needles=NEEDLES):
     """Training documents: 0..max_sentences filler sentences, 1..max_needles needles at uniform random depths, and
-    the question and answer of each needle, in random order; each followed (with probability COPY_DOCS) by a copy
-    document, invented names said twice."""
+    the question and answer of each needle, in random order. Each is followed by a copy document, 4 to
+    2 x max_sentences invented names said twice."""
     rng = random.Random(seed)
     docs = []
     for _ in range(n_docs):
@@ -211,9 +212,8 @@ def needle_documents(n_docs, max_sentences, max_needles, seed):
         filler = filler_sentences(rng, rng.randint(0, max_sentences))
         questions = [f"{QUESTION.format(name=name)} {number}." for name, number, _ in rng.sample(needles, len(needles))]
         docs.append(" ".join(haystack(filler, needles) + questions))
-        if rng.random() < COPY_DOCS:  # invented names, then the same again: every name's second time is copied
-            passage = [new_name(rng, set(NEEDLE_WORDS)) for _ in range(rng.randint(4, 2 * max_sentences))]
-            docs.append(" ".join(passage + passage))
+        passage = [new_name(rng, set(NEEDLE_WORDS)) for _ in range(rng.randint(4, 2 * max_sentences))]
+        docs.append(" ".join(passage + passage))  # every name's second time can be copied from its first
     return docs
 
 
@@ -221,7 +221,7 @@ def _needle_pieces(num, seed):
     """(pieces, their bytes, the BPE sample) of --dataset needle: num training documents, and a tenth as many for
     validation from a generator of their own."""
     pieces = [(split, d, True) for split, n, s in [("train", num, seed), ("val", num // 10, seed + 1)]
-              for d in needle_documents(n, NEEDLE_SENTENCES, NEEDLES, s)]
+              for d in needle_documents(n, s)]
     # the few words, syllables and digits there are: 2000 documents show them all
     return pieces, sum(nbytes(d) for _, d, _ in pieces), "\n".join(d for _, d, _ in pieces[:2000])
 
@@ -509,7 +509,7 @@ class PrepareConfig:
     out_dir: Optional[str] = None  # default data/<name>
     seed: int = 1337  # facts: the world's seed
     entities: Optional[int] = None  # facts: number of countries (default 100)
-    needle_docs: Optional[int] = None  # needle: training documents (default 20000), and a tenth as many for val
+    needle_docs: Optional[int] = None  # needle: training documents (default 50000), and a tenth as many for val
     val_fraction: float = 0.1  # not facts: every 1/val_fraction-th document is validation (one document: its last part)
     force: bool = False  # replace out_dir even if it holds data made from other inputs
 

@@ -137,8 +137,12 @@ def load_run(tc, mc, keys_set, ddp):
             f"{meta['vocab_size']}: drop --vocab_size")
     if ckpt is None:
         return meta, None
-    check_same_architecture(ckpt["config"]["model"], mc, keys_set, path)
+    check_same_architecture(ckpt["config"]["model"], mc, keys_set - {"block_size"}, path)
     check_provenance(ckpt, meta, tc.data_dir, path)
+    if "block_size" in keys_set and ckpt["config"]["model"]["block_size"] != mc.block_size:
+        print(f"note: going on at block_size {mc.block_size}, trained so far at {ckpt['config']['model']['block_size']}"
+              f" (positions have no weights with RoPE)")
+        ckpt["config"]["model"]["block_size"] = mc.block_size
     for k, v in ckpt["config"]["model"].items():
         setattr(mc, k, v)
     return meta, ckpt

@@ -1,11 +1,11 @@
-# Needle in a haystack at context 512 (claims.sh, claim 10): small models trained to retrieve from the context
-# (in these 3,000 steps on a CPU they do not: RESULTS.md, claim 10).
+# Needle in a haystack at context 512 (claims.sh, claim 10): small models trained to retrieve from the context.
+# Copying from the context (induction heads) appears suddenly, after many steps of a high learning rate, and first
+# at short distances: the first 2,000 steps run at context 128, then the run goes on at 512 (positions carry no
+# weights with RoPE) to 3,000, about 14 min a run on 2 cores.
 #   python prepare_data.py --dataset needle
-#   python train.py presets/needle.py --ffn=swiglu --seed=1 --out_dir=runs/needle-swiglu-s1
-#   python train.py presets/needle.py --ffn=stem --stem_layers=half --seed=1 --out_dir=runs/needle-stem-half-s1
-#   python claims.py --mode needle --ckpt=runs/needle-stem-half-s1 --ckpt_swiglu=runs/needle-swiglu-s1
-# Copying from the context (induction heads) appears suddenly, after many steps of a high learning rate:
-# hence many small steps and a mild decay.
+#   python train.py presets/needle.py --block_size=128 --batch_size=16 --max_iters=2000 --ffn=swiglu --out_dir=runs/n
+#   python train.py presets/needle.py --ffn=swiglu --out_dir=runs/n --init_from=resume    # on at context 512
+#   python claims.py --mode needle --ckpt=runs/n-stem --ckpt_swiglu=runs/n                # the same for --ffn=stem
 data_dir = "data/needle"
 n_layer = 4
 n_head = 4

@@ -122,11 +122,12 @@ def needle(tmp_path_factory):
 
 
 def test_training_documents_ask_for_each_needle_they_hide():
-    docs = prepare_data.needle_documents(300, 20, 5, seed=3)
-    assert len(docs) == 600  # COPY_DOCS = 1: a needle document, then a copy document, each time
+    docs = prepare_data.needle_documents(300, seed=3, max_sentences=20, max_needles=5)
+    assert len(docs) == 600  # a needle document, then a copy document, each time
     for d in docs[1::2]:  # invented names, then the same names again
         words = d.split()
         assert words[:len(words) // 2] == words[len(words) // 2:] and all(w.isalpha() and w.istitle() for w in words)
+        assert 4 <= len(words) // 2 <= 40
     depths, counts = [], set()
     for d in docs[::2]:
         hidden = re.findall(r"The secret number of (\w+) is (\d{4})\.", d.split(" What is")[0])

@@ -67,6 +67,30 @@ def test_resume_is_exact(facts, tmp_path, table_optimizer):
         assert torch.equal(ta[i]["exp_avg_sq"], tb[i]["exp_avg_sq"])
 
 
+def test_resume_may_go_on_at_another_context(trained, tmp_path):
+    """Positions carry no weights (RoPE): a run may continue at a longer block_size, and the model it goes on with
+    computes, on a short sequence, what the model trained at the short context computes."""
+    import shutil
+    from common import load_checkpoint, model_from_checkpoint
+    out = str(tmp_path / "run")
+    shutil.copytree(trained[0], out)
+    before = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    p = run_inproc("train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=8", "--block_size=64")
+    assert "going on at block_size 64, trained so far at 32" in p.stdout
+    after = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert after["iter"] == 8 and after["config"]["model"]["block_size"] == 64
+    assert after["tokens"] == before["tokens"] + 2 * 4 * 64  # the two new steps drew windows of 64 tokens
+    short, long = model_from_checkpoint(before).eval(), model_from_checkpoint(dict(before, config={
+        **before["config"], "model": {**before["config"]["model"], "block_size": 64}})).eval()
+    x = torch.randint(0, short.cfg.vocab_size, (2, 64))
+    with torch.no_grad():
+        assert torch.equal(short(x[:, :32], x[:, :32])[0], long(x[:, :32], x[:, :32])[0])
+        assert long(x, x)[0].shape[1] == 64
+        with pytest.raises(AssertionError, match="block_size 32"):
+            short(x, x)
+    assert_user_error(run_inproc("train.py", f"--out_dir={out}", "--init_from=resume", "--n_layer=3", ok=False),
+                      "n_layer=2", "drop --n_layer")  # the weights' shapes still may not change
+
 def _torchrun(cwd, *args):
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True, cwd=cwd, timeout=300)
