@@ -230,7 +230,7 @@ class ResidentTables(Tables):
             return torch.zeros((), device=self.device)
         self.steps += 1
         if not self.lazy:
-            norm = clip_joint_norm_([t.grad for t in self.tables], max_norm)
+            norm = torch.nn.utils.clip_grad_norm_(self.tables, max_norm)  # whole tables: torch's own, as the authors
             self.opt.param_groups[0]["lr"] = lr
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
