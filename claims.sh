@@ -10,8 +10,8 @@
 # and last, claims.py summary: every per-seed figure as mean ± sd over the seeds.
 # Runs go to runs/ (runs/DATASET-ARCH-sSEED, the names claims.py --mode quality reads) and runs/claims/stability/;
 # outputs to runs/claims/NAME.txt (each ends with its JSON line), runs/claims/plots*/ and runs/claims/summary.txt.
-# Cost on a 2-core CPU: about 4 hours from nothing (the 33 quality runs about 1 h 45 min, the 18 stability runs
-# about 40 min, the claims.py modes about 15 min, the 6 needle runs about 1 h).
+# Cost on a 2-core CPU: about 4.5 hours from nothing (the 33 quality runs about 1 h 45 min, the 18 stability runs
+# about 40 min, the claims.py modes about 15 min, the 6 needle runs about 1 h 30 min).
 # Resumable: a finished run is kept and an interrupted one continues (--init_from=resume); an output that finished
 # (runs/claims/NAME.txt) is not redone, nor are the runs only it reads trained: delete it to redo it (and delete
 # runs/claims/stability to train those runs again with other settings).
@@ -118,15 +118,15 @@ steps() {  # steps OUT_DIR: the steps its checkpoint has trained (0 without one)
   if [ -f "$1/ckpt.pt" ]; then python -c "import torch; print(torch.load('$1/ckpt.pt', weights_only=True)['iter'])"
   else echo 0; fi
 }
-needle() {  # needle OUT_DIR ARGS...: presets/needle.py, its first 2,000 steps at context 128, then on at 512
-  local out=$1; shift
+needle() {  # needle OUT_DIR ARGS...: presets/needle.py, its first 2,000 steps at context 128, then on at 512 to
+  local out=$1; shift  # its max_iters, 3,000 (the cosine is recomputed over 3,000 steps: lr 1e-3 -> 1.5e-3 at 2,000)
   [ "$(steps "$out")" -ge 2000 ] || train "$out" presets/needle.py "$@" --block_size=128 --batch_size=16 --max_iters=2000
   [ "$(steps "$out")" -ge 3000 ] || { echo "== $out (context 512)"
     python train.py presets/needle.py "$@" --out_dir="$out" --compile=False --init_from=resume > /dev/null; }
 }
 for seed in $SEEDS; do
   part 10 || break
-  [ -f data/needle/meta.json ] || python prepare_data.py --dataset needle
+  python prepare_data.py --dataset needle  # nothing to do when prepared; an error when prepared otherwise
   if ! finished "needle-stem-half-s$seed"; then
     needle "runs/needle-swiglu-s$seed" --ffn=swiglu --seed=$seed
     needle "runs/needle-stem-half-s$seed" --ffn=stem --stem_layers=half --seed=$seed

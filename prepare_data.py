@@ -288,7 +288,7 @@ def _inputs_record(dataset, tokenizer, inputs, files, count, seed, val_fraction,
     if dataset == "facts":
         record.update(entities=count, seed=seed)
     elif dataset == "needle":
-        record.update(docs=count, seed=seed)
+        record.update(docs=count, seed=seed, sentences=NEEDLE_SENTENCES, needles=NEEDLES)
     elif files is None:
         record.update(input=[SHAKESPEARE_URL], val_fraction=val_fraction)
     else:

@@ -43,7 +43,7 @@ from tokenizer import load_tokenizer
 class TrainConfig:
     data_dir: str = "data/facts"  # made by prepare_data.py (the facts data is made here if missing)
     out_dir: str = "out"  # ckpt.pt, metrics.jsonl, loss.png (and best.pt with keep_best)
-    init_from: str = "scratch"  # "scratch" (refused over a checkpoint) | "resume" (keys not given: the checkpoint's)
+    init_from: str = "scratch"  # scratch (refused over a checkpoint) | resume (same run; a new block_size allowed)
     batch_size: int = 32  # sequences per micro-batch (per process under DDP)
     grad_accum: int = 1  # micro-batches per optimizer step
     max_iters: int = 600  # optimizer steps (the default run: about 3 minutes on a 2-core CPU)
@@ -111,7 +111,7 @@ MACHINE_KEYS = ("init_from", "out_dir", "device", "dtype", "compile", "offload")
 def load_run(tc, mc, keys_set, ddp):
     """The data's meta (the facts data is made on first use) and, on resume, the checkpoint, checked
     against this run's data and arguments. The model config comes from the data (vocab) or the
-    checkpoint; on resume, so do the training keys not given (a resume continues the same run)."""
+    checkpoint (but a given block_size); on resume, so do the training keys not given (it continues the run)."""
     ckpt = None
     if tc.init_from == "resume":
         path = os.path.join(tc.out_dir, "ckpt.pt")
@@ -143,6 +143,7 @@ def load_run(tc, mc, keys_set, ddp):
         print(f"note: going on at block_size {mc.block_size}, trained so far at {ckpt['config']['model']['block_size']}"
               f" (positions have no weights with RoPE)")
         ckpt["config"]["model"]["block_size"] = mc.block_size
+        ckpt.update(best_val_loss=float("inf"), best_iter=0)  # val losses at other contexts do not compare
     for k, v in ckpt["config"]["model"].items():
         setattr(mc, k, v)
     return meta, ckpt

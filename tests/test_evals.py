@@ -142,6 +142,10 @@ def test_training_documents_ask_for_each_needle_they_hide():
         if filler:
             depths.append(d[:first].count(".") / filler)
     assert counts == {1, 2, 3, 4, 5} and min(depths) == 0 and 0.1 < sum(depths) / len(depths) < 0.5
+    docs = prepare_data.needle_documents(200, seed=5)  # the defaults: short documents, one needle, 4-16 names
+    sizes = [(d.split(" What is")[0].count(".") - 1, d.count("The secret number of") - 1) for d in docs[::2]]
+    assert {n for _, n in sizes} == {1} and {f for f, _ in sizes} == set(range(9))
+    assert {len(d.split()) // 2 for d in docs[1::2]} == set(range(4, 17))
 
 
 def test_needle_prompts_fill_the_context_with_the_needle_at_its_depth(needle):

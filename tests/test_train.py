@@ -80,6 +80,7 @@ def test_resume_may_go_on_at_another_context(trained, tmp_path):
     after = load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert after["iter"] == 8 and after["config"]["model"]["block_size"] == 64
     assert after["tokens"] == before["tokens"] + 2 * 4 * 64  # the two new steps drew windows of 64 tokens
+    assert after["best_iter"] > before["iter"]  # the best val loss is of the new context's, not the old's
     short, long = model_from_checkpoint(before).eval(), model_from_checkpoint(dict(before, config={
         **before["config"], "model": {**before["config"]["model"], "block_size": 64}})).eval()
     x = torch.randint(0, short.cfg.vocab_size, (2, 64))
@@ -90,6 +91,7 @@ def test_resume_may_go_on_at_another_context(trained, tmp_path):
             short(x, x)
     assert_user_error(run_inproc("train.py", f"--out_dir={out}", "--init_from=resume", "--n_layer=3", ok=False),
                       "n_layer=2", "drop --n_layer")  # the weights' shapes still may not change
+
 
 def _torchrun(cwd, *args):
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
