@@ -36,12 +36,14 @@ if needs_facts_and_shakespeare && [ ! -f data/shakespeare-gpt2/meta.json ]; then
     --tokenizer "${NANOSTEM_GPT2_BPE:-gpt2}" --out_dir data/shakespeare-gpt2
 fi
 
+ckpt() {  # ckpt OUT_DIR EXPR: EXPR of its checkpoint c, e.g. c['iter'] (0 without a checkpoint)
+  if [ -f "$1/ckpt.pt" ]; then python -c "import torch; c = torch.load('$1/ckpt.pt', weights_only=True); print($2)"
+  else echo 0; fi
+}
+
 train() {  # train OUT_DIR ARGS...: skipped when finished, continued when interrupted
   local out=$1; shift
-  if [ -f "$out/ckpt.pt" ] && python -c "import sys, torch; c = torch.load('$out/ckpt.pt', weights_only=True); \
-      sys.exit(c['iter'] != c['config']['train']['max_iters'])"; then
-    return 0
-  fi
+  [ "$(ckpt "$out" "int(c['iter'] == c['config']['train']['max_iters'])")" = 1 ] && return 0
   local resume=""; [ -f "$out/ckpt.pt" ] && resume="--init_from=resume"  # train.py refuses a fresh start over it
   echo "== $out"
   python train.py "$@" --out_dir="$out" --compile=False $resume > /dev/null
@@ -114,19 +116,16 @@ for seed in $SEEDS; do
 done
 
 # ---- claim 10: needle in a haystack, STEM's advantage by context (the data: prepare_data.py --dataset needle)
-steps() {  # steps OUT_DIR: the steps its checkpoint has trained (0 without one)
-  if [ -f "$1/ckpt.pt" ]; then python -c "import torch; print(torch.load('$1/ckpt.pt', weights_only=True)['iter'])"
-  else echo 0; fi
-}
 needle() {  # needle OUT_DIR ARGS...: presets/needle.py, its first 2,000 steps at context 128, then on at 512 to
   local out=$1; shift  # its max_iters, 3,000 (the cosine is recomputed over 3,000 steps: lr 1e-3 -> 1.5e-3 at 2,000)
-  [ "$(steps "$out")" -ge 2000 ] || train "$out" presets/needle.py "$@" --block_size=128 --batch_size=16 --max_iters=2000
-  [ "$(steps "$out")" -ge 3000 ] || { echo "== $out (context 512)"
+  [ "$(ckpt "$out" "c['iter']")" -ge 2000 ] ||
+    train "$out" presets/needle.py "$@" --block_size=128 --batch_size=16 --max_iters=2000
+  [ "$(ckpt "$out" "c['iter']")" -ge 3000 ] || { echo "== $out (context 512)"
     python train.py presets/needle.py "$@" --out_dir="$out" --compile=False --init_from=resume > /dev/null; }
 }
+part 10 && python prepare_data.py --dataset needle  # nothing to do when prepared; an error when prepared otherwise
 for seed in $SEEDS; do
   part 10 || break
-  python prepare_data.py --dataset needle  # nothing to do when prepared; an error when prepared otherwise
   if ! finished "needle-stem-half-s$seed"; then
     needle "runs/needle-swiglu-s$seed" --ffn=swiglu --seed=$seed
     needle "runs/needle-stem-half-s$seed" --ffn=stem --stem_layers=half --seed=$seed

@@ -85,7 +85,7 @@ def ending_losses(model, ctx_ids, endings_ids, device, ctx):
     x, y = x.to(device), y.to(device)
     with ctx:
         logits, _ = model(x, y)  # with targets the model returns the logits of every position
-    ce = F.cross_entropy(logits.float().transpose(1, 2), y.clamp(min=0), reduction="none") * (y >= 0)
+    ce = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-1, reduction="none")  # 0 where no target
     sums = ce.sum(1)
     return sums.cpu(), (sums / (y >= 0).sum(1)).cpu()
 

@@ -186,9 +186,10 @@ def filler_sentences(rng, n):
     return [f"The {rng.choice(adjective)} {rng.choice(noun)} {rng.choice(verb)} {rng.choice(where)}." for _ in range(n)]
 
 
-def needle_fact(rng):
-    """(name, number): an invented name (the facts world's syllables) and a random four-digit number."""
-    return new_name(rng, set(NEEDLE_WORDS)), str(rng.randint(1000, 9999))
+def needle_fact(rng, taken=None):
+    """(name, number): an invented name (the facts world's syllables; not in taken, and added to it) and a random
+    four-digit number."""
+    return new_name(rng, set(NEEDLE_WORDS) if taken is None else taken), str(rng.randint(1000, 9999))
 
 
 def haystack(filler, needles):
@@ -207,8 +208,7 @@ def needle_documents(n_docs, seed, max_sentences=NEEDLE_SENTENCES, max_needles=N
     docs = []
     for _ in range(n_docs):
         taken = set(NEEDLE_WORDS)  # names differ within a document
-        needles = [(new_name(rng, taken), str(rng.randint(1000, 9999)), rng.random())
-                   for _ in range(rng.randint(1, max_needles))]
+        needles = [(*needle_fact(rng, taken), rng.random()) for _ in range(rng.randint(1, max_needles))]
         filler = filler_sentences(rng, rng.randint(0, max_sentences))
         questions = [f"{QUESTION.format(name=name)} {number}." for name, number, _ in rng.sample(needles, len(needles))]
         docs.append(" ".join(haystack(filler, needles) + questions))
